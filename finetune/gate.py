@@ -1,0 +1,273 @@
+"""The training–serving consistency gate: a job succeeds only when the served adapter is the one that was trained.
+
+Three checks against the running vLLM (over HTTP, the only way finetune talks to serving):
+
+1. tokenization: the token ids the trainer renders for held-out prompts (chat template, generation prompt) equal
+   what vLLM's `/tokenize` returns for the same messages. Template drift is the most common silent failure.
+2. adapter_loaded: the published adapter shows in `/v1/models` as a child of the base model (the supervisor
+   hot-loads it from the registry); if the supervisor refused it, its reason is quoted.
+3. adapter_active: the served adapter measurably changes log-probs versus the base on held-out conversations
+   (prompt log-probs of the trainer's token ids, and the greedy answer). A no-op adapter fails here.
+
+The served assistant-token loss of base and adapter is reported as well: it should match what evaluation measured
+in-process, which catches an adapter vLLM loads only in part.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, Field
+
+from finetune.masking import IGNORE_INDEX, ChatEncoder
+
+Messages = list[dict[str, Any]]
+
+
+class GateSettings(BaseModel):
+    """Where the served vLLM is and how strict the gate is."""
+
+    serving_url: str = "http://127.0.0.1:8000"
+    health_url: str | None = None  # the supervisor's health port: lets a refusal be explained
+    samples: int = Field(4, ge=1)  # held-out conversations checked
+    load_timeout_s: float = Field(180, gt=0)  # how long the supervisor may take to hot-load the adapter
+    request_timeout_s: float = Field(300, gt=0)
+    # Mean |Δ log-prob| per assistant token below which the adapter counts as a no-op. Same-model float32 noise on
+    # vLLM's CPU backend is ~1e-6; a trained adapter moves it by 1e-2 or more.
+    min_mean_logprob_delta: float = Field(1e-3, gt=0)
+    answer_max_tokens: int = Field(32, ge=1)
+
+
+class GateCheck(BaseModel):
+    name: str
+    passed: bool
+    message: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class GateReport(BaseModel):
+    served_name: str
+    base_model: str
+    serving_url: str
+    passed: bool
+    checks: list[GateCheck]
+
+    def failure_message(self) -> str:
+        failed = [c for c in self.checks if not c.passed]
+        return "; ".join(f"{c.name}: {c.message}" for c in failed) or "all checks passed"
+
+
+class GateFailed(Exception):
+    """Raised by `require_pass`; carries the report so the job can record it."""
+
+    def __init__(self, report: GateReport) -> None:
+        super().__init__(f"consistency gate failed for {report.served_name}: {report.failure_message()}")
+        self.report = report
+
+
+def prompt_and_answer(messages: Messages) -> tuple[Messages, str] | None:
+    """Split a conversation at its last assistant turn: (messages before it, its content)."""
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].get("role") == "assistant":
+            return messages[:i], str(messages[i].get("content") or "")
+    return None
+
+
+class _Vllm:
+    def __init__(self, settings: GateSettings) -> None:
+        self.s = settings
+        self.http = httpx.Client(base_url=settings.serving_url.rstrip("/"), timeout=settings.request_timeout_s,
+                                 trust_env=False)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        r = self.http.post(path, json=body)
+        if r.status_code != 200:
+            raise GateHttpError(f"POST {path} -> {r.status_code}: {r.text[:400]}")
+        return r.json()
+
+    def models(self) -> list[dict[str, Any]]:
+        r = self.http.get("/v1/models")
+        r.raise_for_status()
+        return r.json().get("data", [])
+
+    def tokenize_chat(self, model: str, messages: Messages) -> list[int]:
+        body = {"model": model, "messages": messages, "add_generation_prompt": True, "add_special_tokens": False}
+        return list(self._post("/tokenize", body)["tokens"])
+
+    def prompt_logprobs(self, model: str, ids: list[int]) -> list[float | None]:
+        """Log-prob vLLM gives each token of `ids` (None for the first) under `model`."""
+        body = {"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0}
+        entries = self._post("/v1/completions", body)["choices"][0]["prompt_logprobs"]
+        out: list[float | None] = []
+        for tok, entry in zip(ids, entries, strict=True):
+            if entry is None:
+                out.append(None)
+                continue
+            hit = entry.get(str(tok))
+            out.append(float(hit["logprob"]) if hit is not None else None)
+        return out
+
+    def greedy(self, model: str, messages: Messages) -> dict[str, Any]:
+        body = {"model": model, "messages": messages, "max_tokens": self.s.answer_max_tokens, "temperature": 0,
+                "logprobs": True, "top_logprobs": 5}
+        choice = self._post("/v1/chat/completions", body)["choices"][0]
+        content = choice.get("logprobs", {}).get("content") or []
+        return {"text": choice["message"]["content"] or "", "logprobs": [c["logprob"] for c in content],
+                "finish_reason": choice.get("finish_reason")}
+
+    def refusal(self, served_name: str) -> str | None:
+        if not self.s.health_url:
+            return None
+        try:
+            status = httpx.get(f"{self.s.health_url.rstrip('/')}/status", timeout=10, trust_env=False).json()
+        except (httpx.HTTPError, ValueError):
+            return None
+        return (status.get("adapters_refused") or {}).get(served_name)
+
+
+class GateHttpError(Exception):
+    pass
+
+
+def check_tokenization(vllm: _Vllm, encoder: ChatEncoder, prompts: Sequence[Messages], base_model: str
+                       ) -> GateCheck:
+    tokenizer = encoder.tokenizer
+    served = [m["id"] for m in vllm.models()]
+    if base_model not in served:
+        return GateCheck(name="tokenization", passed=False, details={"served": served},
+                         message=f"{vllm.s.serving_url} serves {served}, not the base model {base_model!r}; point "
+                                 f"the gate (SOVEREIGN_FINETUNE_SERVING_URL) at the vLLM serving it")
+    mismatches = []
+    for idx, messages in enumerate(prompts):
+        ours = encoder.render_ids(messages, add_generation_prompt=True)
+        served = vllm.tokenize_chat(base_model, messages)
+        if ours != served:
+            at = next((i for i, (a, b) in enumerate(zip(ours, served)) if a != b), min(len(ours), len(served)))
+            mismatches.append({
+                "sample": idx, "trainer_len": len(ours), "served_len": len(served), "first_difference": at,
+                "trainer_text": tokenizer.decode(ours[max(0, at - 8):at + 8]),
+                "served_text": tokenizer.decode(served[max(0, at - 8):at + 8]),
+            })
+    if mismatches:
+        m = mismatches[0]
+        return GateCheck(name="tokenization", passed=False, details={"mismatches": mismatches},
+                         message=(f"{len(mismatches)}/{len(prompts)} held-out prompts tokenize differently in the "
+                                  f"trainer and in the served vLLM (chat template or tokenizer drift): first at "
+                                  f"token {m['first_difference']}: trainer {m['trainer_text']!r} vs served "
+                                  f"{m['served_text']!r}; train with the served model's own template"))
+    return GateCheck(name="tokenization", passed=True, details={"prompts": len(prompts)},
+                     message=f"{len(prompts)} held-out prompts tokenize identically")
+
+
+def check_loaded(vllm: _Vllm, served_name: str, base_model: str) -> GateCheck:
+    deadline = time.monotonic() + vllm.s.load_timeout_s
+    while True:
+        models = {m["id"]: m for m in vllm.models()}
+        if served_name in models:
+            parent = models[served_name].get("parent")
+            if parent not in (None, base_model):
+                return GateCheck(name="adapter_loaded", passed=False, details={"parent": parent},
+                                 message=f"{served_name} is served on {parent!r}, not on {base_model!r}")
+            return GateCheck(name="adapter_loaded", passed=True, details={"parent": parent},
+                             message=f"{served_name} is listed in {vllm.s.serving_url}/v1/models")
+        reason = vllm.refusal(served_name)
+        if reason:
+            return GateCheck(name="adapter_loaded", passed=False, details={"refused": reason},
+                             message=f"the serving supervisor refused {served_name}: {reason}")
+        if time.monotonic() >= deadline:
+            return GateCheck(name="adapter_loaded", passed=False, details={"served": sorted(models)},
+                             message=f"{served_name} did not appear in {vllm.s.serving_url}/v1/models within "
+                                     f"{vllm.s.load_timeout_s:g}s (served: {sorted(models)}); is the supervisor "
+                                     f"watching the same SOVEREIGN_HOME adapters directory?")
+        time.sleep(0.5)
+
+
+def check_active(vllm: _Vllm, encoder: ChatEncoder, conversations: Sequence[Messages], base_model: str,
+                 served_name: str) -> GateCheck:
+    deltas: list[float] = []
+    nll = {"base": 0.0, "adapter": 0.0}
+    n_tokens = 0
+    answers = []
+    for messages in conversations:
+        encoded = encoder.encode(messages)
+        ids, labels = encoded.input_ids, encoded.labels
+        base_lp = vllm.prompt_logprobs(base_model, ids)
+        ada_lp = vllm.prompt_logprobs(served_name, ids)
+        for i, label in enumerate(labels):
+            if label == IGNORE_INDEX or base_lp[i] is None or ada_lp[i] is None:
+                continue
+            deltas.append(abs(ada_lp[i] - base_lp[i]))
+            nll["base"] -= base_lp[i]
+            nll["adapter"] -= ada_lp[i]
+            n_tokens += 1
+        split = prompt_and_answer(messages)
+        if split and len(answers) < 2:
+            b, a = vllm.greedy(base_model, split[0]), vllm.greedy(served_name, split[0])
+            answers.append({"base": b["text"], "adapter": a["text"], "same": b["text"] == a["text"]})
+    if n_tokens == 0:
+        return GateCheck(name="adapter_active", passed=False, details={},
+                         message="no assistant tokens in the held-out sample to compare; check the masking")
+    mean_delta = sum(deltas) / n_tokens
+    details = {
+        "assistant_tokens": n_tokens, "mean_abs_logprob_delta": mean_delta, "max_abs_logprob_delta": max(deltas),
+        "served_loss_base": nll["base"] / n_tokens, "served_loss_adapter": nll["adapter"] / n_tokens,
+        "greedy_answers_differ": sum(not a["same"] for a in answers), "greedy_samples": answers,
+    }
+    if mean_delta < vllm.s.min_mean_logprob_delta:
+        return GateCheck(name="adapter_active", passed=False, details=details,
+                         message=(f"{served_name} does not change what vLLM serves: mean |Δ log-prob| "
+                                  f"{mean_delta:.2e} over {n_tokens} assistant tokens (threshold "
+                                  f"{vllm.s.min_mean_logprob_delta:g}); the adapter is a no-op (LoRA B all zero?) "
+                                  f"or vLLM ignores it"))
+    return GateCheck(name="adapter_active", passed=True, details=details,
+                     message=(f"mean |Δ log-prob| {mean_delta:.3g} over {n_tokens} assistant tokens; served loss "
+                              f"base {details['served_loss_base']:.4f} -> adapter "
+                              f"{details['served_loss_adapter']:.4f}"))
+
+
+def run_gate(*, encoder: ChatEncoder, conversations: Sequence[Messages], base_model: str, served_name: str,
+             settings: GateSettings) -> GateReport:
+    """Run the three checks on `settings.samples` held-out conversations; never raises for a failed check."""
+    sample = [m for m in conversations if prompt_and_answer(m)][: settings.samples]
+    vllm = _Vllm(settings)
+    checks: list[GateCheck] = []
+    try:
+        if not sample:
+            checks.append(GateCheck(name="tokenization", passed=False, message="no held-out conversation with an "
+                                    "assistant turn to check"))
+        else:
+            checks.append(_guard("tokenization", lambda: check_tokenization(
+                vllm, encoder, [prompt_and_answer(m)[0] for m in sample], base_model)))
+        loaded = _guard("adapter_loaded", lambda: check_loaded(vllm, served_name, base_model))
+        checks.append(loaded)
+        if loaded.passed and sample:
+            checks.append(_guard("adapter_active", lambda: check_active(
+                vllm, encoder, sample, base_model, served_name)))
+        elif not loaded.passed:
+            checks.append(GateCheck(name="adapter_active", passed=False,
+                                    message="not checked: the adapter is not served"))
+    finally:
+        vllm.close()
+    return GateReport(served_name=served_name, base_model=base_model, serving_url=settings.serving_url,
+                      passed=all(c.passed for c in checks), checks=checks)
+
+
+def require_pass(report: GateReport) -> GateReport:
+    if not report.passed:
+        raise GateFailed(report)
+    return report
+
+
+def _guard(name: str, fn: Callable[[], GateCheck]) -> GateCheck:
+    """A server that cannot be reached fails the check with the reason, not the job with a traceback."""
+    try:
+        return fn()
+    except (httpx.HTTPError, GateHttpError) as exc:
+        return GateCheck(name=name, passed=False, message=f"the served vLLM did not answer as expected: {exc}")
+

@@ -1,0 +1,491 @@
+"""Fine-tune jobs: prepare → train → evaluate → export → gate, from a config or from a gateway job record.
+
+    sovereign finetune run configs/finetune/ci-smoke.yaml      # creates a job under SOVEREIGN_HOME/jobs and runs it
+    sovereign finetune run-job SOVEREIGN_HOME/jobs/<job_id>    # runs a job the gateway's /v1/fine_tuning/jobs wrote
+
+A job folder holds `job.json` (sovereign.formats.JobRecord, statuses as OpenAI's), `events.jsonl` (one line per
+stage and per training step, OpenAI's event shape), `prepared/` (the validated, scrubbed data), `checkpoints/<step>/`
+(written by finetune.train, with metrics.json) and the trained `adapter/`. SIGTERM, or the gateway setting the
+record's status to `cancelled`, cancels the job (checkpoints stay, so running it again resumes). A job succeeds only
+when the consistency gate passes; its `fine_tuned_model` is then the served name "name@version".
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import secrets
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from finetune.config import FinetuneConfig
+from finetune.errors import FinetuneError
+from finetune.evaluate import EvalReport, EvalSettings, find_canary_manifest, load_canaries, read_conversations
+from finetune.gate import GateFailed, GateReport, GateSettings
+from sovereign.errors import SovereignError
+from sovereign.formats import JOB_RECORD, JobRecord, sha256_file, utcnow
+from sovereign.settings import HomeSettings, YamlSettings
+
+EVENTS_FILE = "events.jsonl"
+TERMINAL = ("succeeded", "failed", "cancelled")
+STAGES = ("prepare", "train", "evaluate", "export", "gate")
+
+
+class RunnerSettings(YamlSettings):
+    """How jobs run here: where the served vLLM is (for the gate), which preset gateway jobs use, eval sizes."""
+
+    model_config = SettingsConfigDict(env_prefix="SOVEREIGN_FINETUNE_", extra="ignore", env_nested_delimiter="__")
+
+    serving_url: str = "http://127.0.0.1:8000"  # SOVEREIGN_FINETUNE_SERVING_URL
+    serving_health_url: str | None = None  # the supervisor's health port, to quote why it refused an adapter
+    job_config: str = "customer-service"  # configs/finetune/<preset> for jobs created through the gateway
+    evaluation: EvalSettings = Field(default_factory=EvalSettings)
+    gate_samples: int = Field(4, ge=1)
+    gate_load_timeout_s: float = Field(180, gt=0)
+    fail_on_leak: bool = True  # a trained canary that comes back fails the job
+
+    def gate_settings(self) -> GateSettings:
+        return GateSettings(serving_url=self.serving_url, health_url=self.serving_health_url,
+                            samples=self.gate_samples, load_timeout_s=self.gate_load_timeout_s)
+
+
+class JobCancelled(BaseException):
+    """Like KeyboardInterrupt, a BaseException: no `except Exception` (or FinetuneError) on the way may swallow it."""
+
+    code = "cancelled"
+
+
+class LeakDetected(FinetuneError):
+    code = "canary_leak"
+
+
+# ------------------------------------------------------------------------------------------------ events
+
+EventSink = Callable[[str, str, str, dict[str, Any]], None]  # (level, type, message, data)
+
+
+class EventLog:
+    """`events.jsonl`: {"id", "created_at", "level", "message", "type", "data"}, appended one whole line at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __call__(self, level: str, type_: str, message: str, data: dict[str, Any]) -> None:
+        line = json.dumps({"id": f"ftevent-{secrets.token_hex(12)}", "created_at": int(time.time()),
+                           "level": level, "message": message, "type": type_, "data": data},
+                          ensure_ascii=False, default=str)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------------------------ the pipeline
+
+@dataclass
+class PipelineResult:
+    served_name: str
+    adapter_path: Path
+    trained_tokens: int
+    best_step: int
+    train_metrics: dict[str, Any]
+    evaluation: EvalReport
+    gate: GateReport | None
+    prepared_dir: Path
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Pipeline:
+    """One fine-tune run in `work_dir`; `emit` receives every stage change and training event."""
+
+    def __init__(self, config: FinetuneConfig, work_dir: Path, *, settings: RunnerSettings, home: HomeSettings,
+                 emit: EventSink, origin: dict[str, Any], adapter_name: str | None = None,
+                 check_cancel: Callable[[], None] = lambda: None, skip_gate: bool = False,
+                 show_progress: bool = False) -> None:
+        self.config = config
+        self.work_dir = work_dir
+        self.settings = settings
+        self.home = home
+        self.emit = emit
+        self.origin = origin
+        self.adapter_name = adapter_name or config.name
+        self.check_cancel = check_cancel
+        self.skip_gate = skip_gate
+        self.show_progress = show_progress
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def _stage(self, name: str) -> Iterator[None]:
+        self.check_cancel()
+        self.emit("info", "message", f"Stage {name} started", {"stage": name, "state": "started"})
+        t0 = time.monotonic()
+        yield
+        self.timings[name] = round(time.monotonic() - t0, 2)
+        self.emit("info", "message", f"Stage {name} finished in {self.timings[name]:.1f}s",
+                  {"stage": name, "state": "finished", "seconds": self.timings[name]})
+
+    def run(self) -> PipelineResult:
+        with self._stage("prepare"):
+            prepared = self.prepare()
+        with self._stage("train"):
+            trained = self.train(prepared)
+        with self._stage("evaluate"):
+            report = self.evaluate(prepared, trained.adapter_dir)
+        with self._stage("export"):
+            adapter = self.export(prepared, trained, report)
+        gate = None
+        if self.skip_gate:
+            self.emit("warn", "message", "Consistency gate skipped (--skip-gate): the adapter is published but not "
+                      "proven to be served as trained", {"stage": "gate", "state": "skipped"})
+        else:
+            with self._stage("gate"):
+                gate = self.gate(prepared, adapter)
+        return PipelineResult(served_name=adapter.served_name, adapter_path=adapter.path,
+                              trained_tokens=trained.trained_tokens, best_step=trained.best_step,
+                              train_metrics=dict(trained.metrics), evaluation=report, gate=gate,
+                              prepared_dir=prepared, timings=self.timings)
+
+    # -- stages ----------------------------------------------------------------------------------------------
+
+    def prepare(self) -> Path:
+        """Reuse a prepared folder made from the same input file, else run `prepare` into it."""
+        from finetune.prepare import PrepareOptions, prepare
+
+        data = self.config.data
+        prepared = Path(data.prepared_dir) if data.prepared_dir else self.work_dir / "prepared"
+        if self._prepared_is_current(prepared):
+            self.emit("info", "message", f"Using prepared data in {prepared}", {"prepared_dir": str(prepared)})
+            return prepared
+        if data.train_file is None:
+            raise FinetuneError("the config names no data.train_file and no prepared data.prepared_dir",
+                                code="no_training_data")
+        report = prepare(Path(data.train_file), prepared, model=self.config.model, models_dir=self.home.models_dir,
+                         options=PrepareOptions.from_config(self.config),
+                         validation_path=Path(data.validation_file) if data.validation_file else None)
+        outputs = {k: v.rows for k, v in report.outputs.items()}
+        self.emit("info", "message", f"Validated {Path(data.train_file).name}: "
+                  + ", ".join(f"{k} {v} rows" for k, v in outputs.items()),
+                  {"outputs": outputs, "stages": report.stages,
+                   "scrubbed": report.scrub.model_dump() if report.scrub else None})
+        return prepared
+
+    def _prepared_is_current(self, prepared: Path) -> bool:
+        report_path = prepared / "prepare_report.json"
+        if not all((prepared / f).is_file() for f in ("train.jsonl", "val.jsonl")) or not report_path.is_file():
+            return False
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        if report.get("status", "succeeded") != "succeeded":
+            return False
+        train_file = self.config.data.train_file
+        if train_file is None:
+            return True  # only a prepared folder was given: it is the data
+        inputs = {i.get("role"): i.get("sha256") for i in report.get("inputs", [])}
+        return Path(train_file).is_file() and inputs.get("train") == sha256_file(Path(train_file))
+
+    def train(self, prepared: Path):
+        from finetune.train import train
+
+        def on_event(kind: str, message: str, data: dict[str, Any]) -> None:
+            self.check_cancel()
+            level = "warn" if kind == "warning" else "info"
+            self.emit(level, "metrics" if kind == "metrics" else "message", message, {"stage": "train",
+                      "kind": kind, **data})
+
+        return train(self.config, prepared, self.work_dir, on_event=on_event, resume=True, home=self.home,
+                     progress=self.show_progress)
+
+    def evaluate(self, prepared: Path, adapter_dir: Path) -> EvalReport:
+        from finetune.evaluate import evaluate
+
+        manifest = find_canary_manifest(Path(self.config.data.train_file) if self.config.data.train_file else None)
+        canaries = load_canaries(manifest) if manifest else []
+        settings = self.settings.evaluation.model_copy(update={"max_seq_len": self.config.training.max_seq_len})
+        report = evaluate(self.home.models_dir / self.config.model, adapter_dir,
+                          read_conversations(prepared / "val.jsonl"),
+                          train=read_conversations(prepared / "train.jsonl"), canaries=canaries, settings=settings)
+        m = report.metrics()
+        self.emit("info", "metrics", f"Validation loss {m['val_loss_base']:.4f} (base) -> {m['val_loss']:.4f} "
+                  f"(adapter); perplexity {m['val_perplexity_base']:.2f} -> {m['val_perplexity']:.2f}",
+                  {"stage": "evaluate", **m})
+        if not report.improved:
+            self.emit("warn", "message", "The adapter's validation loss is not lower than the base model's",
+                      {"stage": "evaluate"})
+        if report.leak.note:
+            self.emit("warn", "message", f"Leak probe: {report.leak.note}", {"stage": "evaluate"})
+        if report.leak.leaked:
+            message = (f"{len(report.leak.leaked)} canary string(s) planted in the training data come back from "
+                       f"the adapter: it memorised training data; train for fewer steps or scrub harder")
+            if self.settings.fail_on_leak:
+                raise LeakDetected(message)
+            self.emit("warn", "message", message, {"stage": "evaluate", "leaked": report.leak.leaked})
+        return report
+
+    def export(self, prepared: Path, trained, report: EvalReport):
+        from finetune.export import export_adapter
+
+        metrics = {**report.metrics(), "best_step": trained.best_step, "trained_tokens": trained.trained_tokens,
+                   "training": dict(trained.metrics)}
+        adapter = export_adapter(
+            trained.adapter_dir, name=self.adapter_name, base_model=self.config.model, prepared_dir=prepared,
+            config=self.config.model_dump(mode="json"), seed=self.config.training.seed, metrics=metrics,
+            home=self.home, serving_profile=self.config.serving_profile, origin=self.origin,
+            extra_lineage={"evaluation": report.model_dump(mode="json"),
+                           "training": {"best_step": trained.best_step, "trained_tokens": trained.trained_tokens}})
+        self.emit("info", "message", f"Published adapter {adapter.served_name} to {adapter.path}",
+                  {"stage": "export", "served_name": adapter.served_name, "path": str(adapter.path)})
+        return adapter
+
+    def gate(self, prepared: Path, adapter) -> GateReport:
+        from serving.adapters import AdapterRegistry
+
+        from finetune.export import record_gate
+        from finetune.gate import run_gate
+        from finetune.masking import ChatEncoder
+
+        encoder = ChatEncoder.from_model_dir(self.home.models_dir / self.config.model)
+        report = run_gate(encoder=encoder, conversations=read_conversations(prepared / "val.jsonl"),
+                          base_model=self.config.model, served_name=adapter.served_name,
+                          settings=self.settings.gate_settings())
+        for check in report.checks:
+            self.emit("info" if check.passed else "error", "message", f"Gate {check.name}: {check.message}",
+                      {"stage": "gate", "check": check.name, "passed": check.passed})
+        if not report.passed:
+            # A failed job must not leave an adapter that clients could call.
+            AdapterRegistry(self.home.adapters_dir).remove(adapter.manifest.name, adapter.manifest.version)
+            raise GateFailed(report)
+        record_gate(adapter, report.model_dump(mode="json"))
+        return report
+
+
+# ------------------------------------------------------------------------------------------------ job records
+
+def new_job_id() -> str:
+    return f"ftjob-{secrets.token_hex(12)}"
+
+
+def _adapter_name(text: str) -> str:
+    name = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._")[:64]
+    return name or "ft"
+
+
+def config_for_job(record: JobRecord, settings: RunnerSettings, files_dir: Path) -> FinetuneConfig:
+    """The job's fine-tune config.
+
+    A record written by `sovereign finetune run` carries its whole config. One from the gateway names uploaded files
+    and OpenAI hyperparameters: those go on top of a preset (`config` in the record, else settings.job_config).
+    """
+    extra = record.model_extra or {}
+    if isinstance(extra.get("config"), dict):
+        return _validated(record, dict(extra["config"]))
+    training_file = resolve_file(record.training_file, files_dir, "training_file")
+    validation_file = (resolve_file(record.validation_file, files_dir, "validation_file")
+                       if record.validation_file else None)
+    data = FinetuneConfig.named(extra.get("config") or settings.job_config).model_dump(mode="json")
+    data["model"] = record.model
+    data["name"] = _adapter_name(record.suffix or data.get("name") or "ft")
+    data["data"] = {**data.get("data", {}), "train_file": str(training_file),
+                    "validation_file": str(validation_file) if validation_file else None, "prepared_dir": None}
+    hp = dict(record.hyperparameters or {})
+    method = extra.get("method")
+    if isinstance(method, dict):  # OpenAI's newer shape: method.supervised.hyperparameters
+        hp.update(((method.get(method.get("type", "supervised")) or {}).get("hyperparameters")) or {})
+    training = dict(data.get("training", {}))
+    if isinstance(hp.get("n_epochs"), int):
+        training["epochs"] = hp["n_epochs"]
+    if isinstance(hp.get("learning_rate_multiplier"), (int, float)):
+        training["learning_rate"] = training.get("learning_rate", 2e-4) * float(hp["learning_rate_multiplier"])
+    if record.seed is not None:
+        training["seed"] = record.seed
+    data["training"] = training
+    return _validated(record, data)
+
+
+def _validated(record: JobRecord, data: dict[str, Any]) -> FinetuneConfig:
+    try:
+        return FinetuneConfig(**data)
+    except SovereignError:
+        raise
+    except ValueError as exc:
+        raise JobError(f"job {record.id}: the job's settings do not make a valid fine-tune config: {exc}",
+                       code="invalid_hyperparameters", param="hyperparameters") from None
+
+
+def resolve_file(ref: str, files_dir: Path, param: str) -> Path:
+    """A file id from /v1/files (stored under SOVEREIGN_HOME/files) or a local path."""
+    candidates = [Path(ref), files_dir / ref, files_dir / f"{ref}.jsonl", files_dir / ref / "content",
+                  files_dir / ref / "data.jsonl"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    folder = files_dir / ref
+    if folder.is_dir():
+        data = [p for p in folder.iterdir() if p.is_file() and not p.name.endswith(".json") and not
+                p.name.startswith(".")]
+        if len(data) == 1:
+            return data[0]
+    raise JobError(f"{param} {ref!r} is neither an uploaded file in {files_dir} nor a local path",
+                   code="invalid_file", param=param)
+
+
+class JobError(FinetuneError):
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.param = param
+
+
+class JobRunner:
+    """Runs one job folder to a terminal status; the record and events are what the gateway shows."""
+
+    def __init__(self, job_dir: Path, *, settings: RunnerSettings | None = None, home: HomeSettings | None = None,
+                 show_progress: bool = False, skip_gate: bool = False, on_event: EventSink | None = None) -> None:
+        self.job_dir = job_dir
+        self.settings = settings or RunnerSettings()
+        self.home = home or HomeSettings()
+        self.events = EventLog(job_dir / EVENTS_FILE)
+        self.show_progress = show_progress
+        self.skip_gate = skip_gate
+        self.on_event = on_event
+        self._cancel = threading.Event()
+        self.result: PipelineResult | None = None
+
+    # -- record --------------------------------------------------------------------------------------------
+
+    def read(self) -> JobRecord:
+        path = self.job_dir / JOB_RECORD
+        if not path.is_file():
+            raise JobError(f"{path}: no job record; a job folder holds job.json written by the gateway",
+                           code="job_not_found")
+        return JobRecord.read(path)
+
+    def _update(self, **changes: Any) -> JobRecord:
+        record = self.read()
+        if record.status == "cancelled" and changes.get("status") not in (None, "cancelled"):
+            changes.pop("status")  # the gateway cancelled it meanwhile: that wins
+        record = record.model_copy(update=changes)
+        record.write(self.job_dir / JOB_RECORD)
+        return record
+
+    def emit(self, level: str, type_: str, message: str, data: dict[str, Any]) -> None:
+        self.events(level, type_, message, data)
+        if self.on_event:
+            self.on_event(level, type_, message, data)
+
+    def check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise JobCancelled("the job was cancelled (SIGTERM)")
+        if self.read().status == "cancelled":
+            self._cancel.set()
+            raise JobCancelled("the job was cancelled")
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    # -- run -----------------------------------------------------------------------------------------------
+
+    def run(self) -> JobRecord:
+        record = self.read()
+        if record.status in TERMINAL:
+            raise JobError(f"job {record.id} is already {record.status}; create a new job", code="job_finished")
+        with self._exclusive(record):
+            previous = (signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread()
+                        else None)
+            if previous is not None:
+                signal.signal(signal.SIGTERM, self._on_sigterm)
+            try:
+                return self._run(record)
+            finally:
+                if previous is not None:
+                    signal.signal(signal.SIGTERM, previous)
+
+    @contextmanager
+    def _exclusive(self, record: JobRecord) -> Iterator[None]:
+        """One runner per job folder: a second `run-job` on a job being run is refused, a crashed one's is not."""
+        with open(self.job_dir / ".runner.lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise JobError(f"job {record.id} is being run by another process", code="job_running") from None
+            lock.write(f"{os.getpid()}\n")
+            lock.flush()
+            yield
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._cancel.set()
+        # Raised here it stops training at the next Python line; checkpoints already written stay for a resume.
+        raise JobCancelled("the job was cancelled (SIGTERM)")
+
+    def _run(self, record: JobRecord) -> JobRecord:
+        resumed = record.status == "running"
+        record = self._update(status="running", started_at=record.started_at or utcnow(), error=None)
+        self.emit("info", "message", "Fine-tuning job resumed" if resumed else "Fine-tuning job started",
+                  {"job_id": record.id, "model": record.model})
+        try:
+            config = config_for_job(record, self.settings, self.home.files_dir)
+            pipeline = Pipeline(config, self.job_dir, settings=self.settings, home=self.home, emit=self.emit,
+                                origin={"kind": "finetune_job", "job_id": record.id,
+                                        "training_file": record.training_file},
+                                check_cancel=self.check_cancel, skip_gate=self.skip_gate,
+                                show_progress=self.show_progress)
+            self.result = pipeline.run()
+        except JobCancelled:
+            record = self._update(status="cancelled", finished_at=utcnow())
+            self.emit("info", "message", "Fine-tuning job cancelled", {"job_id": record.id})
+            return record
+        except GateFailed as exc:
+            return self._fail("gate_failed", str(exc), None, {"gate": exc.report.model_dump(mode="json")})
+        except JobError as exc:
+            return self._fail(exc.code, str(exc), exc.param)
+        except SovereignError as exc:
+            return self._fail(exc.code, str(exc), None)
+        except Exception as exc:  # a bug or a crash inside a library: the job still ends failed, with the reason
+            return self._fail("internal_error", f"{type(exc).__name__}: {exc}", None,
+                              {"traceback": traceback.format_exc(limit=8)})
+        r = self.result
+        record = self._update(status="succeeded", finished_at=utcnow(), fine_tuned_model=r.served_name,
+                              trained_tokens=r.trained_tokens)
+        if record.status == "cancelled":
+            return record
+        self.emit("info", "message", "The job has successfully completed",
+                  {"fine_tuned_model": r.served_name, "trained_tokens": r.trained_tokens,
+                   "val_loss_base": r.evaluation.base.loss, "val_loss": r.evaluation.adapter.loss})
+        return record
+
+    def _fail(self, code: str, message: str, param: str | None, data: dict[str, Any] | None = None) -> JobRecord:
+        record = self._update(status="failed", finished_at=utcnow(),
+                              error={"code": code, "message": message, "param": param})
+        self.emit("error", "message", f"Fine-tuning job failed: {message}", {"code": code, **(data or {})})
+        return record
+
+
+def create_local_job(config: FinetuneConfig, config_path: Path | None, home: HomeSettings) -> Path:
+    """A job folder for `sovereign finetune run`: the same record the gateway writes, carrying the whole config."""
+    job_id = new_job_id()
+    job_dir = home.jobs_dir / job_id
+    job_dir.mkdir(parents=True)
+    data = config.data
+    training = str(data.train_file) if data.train_file else str(data.prepared_dir)
+    record = JobRecord(id=job_id, status="queued", model=config.model, training_file=training,
+                       validation_file=str(data.validation_file) if data.validation_file else None,
+                       hyperparameters={"n_epochs": config.training.epochs,
+                                        "learning_rate": config.training.learning_rate},
+                       suffix=config.name, seed=config.training.seed,
+                       config=config.model_dump(mode="json"),
+                       config_path=str(config_path) if config_path else None)
+    record.write(job_dir / JOB_RECORD)
+    return job_dir

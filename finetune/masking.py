@@ -1,0 +1,221 @@
+"""Render a conversation with the model's own chat template and mark which tokens the loss sees.
+
+Only assistant turns train: their content plus the end-of-turn token that follows it (so the model learns to stop).
+Everything else (system prompt, user turns, the template's role headers, the newline after end-of-turn) gets the
+label -100. The template is never hand-written: `tokenizer.apply_chat_template` from the model store folder renders
+the text, the same template vLLM serves with.
+
+How the assistant spans are found: render the conversation's prefixes incrementally (up to the generation prompt
+before an assistant turn, then through that turn) and diff the strings. The text is then tokenized piece by piece
+and the concatenation is checked against the token ids of the full render; where a tokenizer merges across a piece
+boundary (SentencePiece's dummy prefix), the character offsets of the full render are used instead. Either way the
+ids returned equal `apply_chat_template(messages, tokenize=True)` exactly, or an error says why not.
+
+An assistant message with `"weight": 0` (OpenAI's multi-turn convention) is rendered but not trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import FinetuneError
+
+IGNORE_INDEX = -100
+
+Message = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of one rendered conversation and its labels (-100 where the loss does not look)."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def n_trainable(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class ChatEncoder:
+    """Turns OpenAI-style message lists into (input_ids, labels) with the tokenizer's own chat template."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise FinetuneError("the model's tokenizer has no chat template; import an instruct model whose folder "
+                                "carries one (chat_template.jinja or tokenizer_config.json)",
+                                code="template_render_error")
+        self.tokenizer = tokenizer
+        self._special = {tok for tok in tokenizer.all_special_tokens}
+        self._special |= {str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
+                          if getattr(t, "special", False)}
+        self.end_of_turn = self._detect_end_of_turn()
+        self.end_of_turn_id = tokenizer.convert_tokens_to_ids(self.end_of_turn)
+        self.pad_token_id = choose_pad_token_id(tokenizer, self.end_of_turn_id)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: Path) -> "ChatEncoder":
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True))
+
+    # -- rendering ---------------------------------------------------------------------------------------------
+
+    def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = False) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(_template_view(messages), tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        except Exception as exc:  # jinja raises its own types (TemplateError, TypeError on bad content)
+            raise FinetuneError(f"the chat template could not render this conversation: {exc}",
+                                code="template_render_error") from exc
+
+    def render_ids(self, messages: Sequence[Message], *, add_generation_prompt: bool = False) -> list[int]:
+        """The template's own tokenization: what the served model sees for these messages."""
+        out = self.tokenizer.apply_chat_template(_template_view(messages), tokenize=True,
+                                                 add_generation_prompt=add_generation_prompt)
+        ids = out["input_ids"] if hasattr(out, "keys") else out
+        return list(ids)
+
+    def _detect_end_of_turn(self) -> str:
+        """The special token the template writes right after an assistant message's content."""
+        probe = "Sovereign end-of-turn probe"
+        msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}]
+        text = self.render(msgs)
+        tail = text[text.rindex(probe) + len(probe):]
+        for token in self.tokenizer.tokenize(tail):
+            if token in self._special:
+                return token
+        eos = self.tokenizer.eos_token
+        if eos and eos in tail:
+            return eos
+        raise FinetuneError("the chat template writes no special end-of-turn token after an assistant message; "
+                            "the model could not learn to stop", code="template_render_error")
+
+    # -- spans and labels --------------------------------------------------------------------------------------
+
+    def trainable_spans(self, messages: Sequence[Message]) -> tuple[str, list[tuple[int, int]]]:
+        """The full render and the character spans [start, end) that train (assistant content + end-of-turn)."""
+        full = self.render(messages)
+        spans: list[tuple[int, int]] = []
+        for i, msg in enumerate(messages):
+            if msg.get("role") != "assistant" or msg.get("weight", 1) == 0 or not _content_text(msg).strip():
+                continue  # an empty answer would only teach the model to stop at once
+            before = self.render(messages[:i], add_generation_prompt=True) if i else ""
+            through = self.render(messages[: i + 1])
+            if not (through.startswith(before) and full.startswith(through)):
+                raise FinetuneError(f"message {i}: the chat template renders this conversation's prefixes "
+                                    "differently from the whole (it rewrites earlier turns), so assistant turns "
+                                    "cannot be located; this template is not supported for training",
+                                    code="template_render_error")
+            turn = through[len(before):]
+            # The turn ends with this message's end-of-turn; its content is the last occurrence right before it
+            # (searching from the left could match the role header when the content is e.g. "assistant").
+            eot_at = turn.rfind(self.end_of_turn)
+            if eot_at < 0:
+                raise FinetuneError(f"message {i}: no end-of-turn token {self.end_of_turn!r} after the assistant "
+                                    "content", code="template_render_error")
+            content = _content_text(msg)
+            at = turn.rfind(content, 0, eot_at)
+            if at < 0 and content.strip():  # templates that trim the content (Llama 3, Gemma)
+                at = turn.rfind(content.strip(), 0, eot_at)
+            if at < 0:
+                raise FinetuneError(f"message {i}: the assistant content does not appear verbatim in the template's "
+                                    "render (the template alters it)", code="template_render_error")
+            end_at = eot_at
+            spans.append((len(before) + at, len(before) + end_at + len(self.end_of_turn)))
+        return full, spans
+
+    def encode(self, messages: Sequence[Message], *, max_len: int | None = None) -> Encoded:
+        """input_ids as the template renders them, labels = ids on assistant turns and -100 elsewhere.
+
+        Raises FinetuneError `no_trainable_tokens` when no token trains, `too_long` past `max_len`.
+        """
+        full, spans = self.trainable_spans(messages)
+        expected = self.render_ids(messages)
+        ids, labels = self._by_pieces(full, spans)
+        if ids != expected:
+            ids, labels = self._by_offsets(full, spans)
+        if ids != expected:
+            raise FinetuneError("tokenizing the rendered conversation does not reproduce the template's own token "
+                                "ids", code="template_render_error")
+        if max_len is not None and len(ids) > max_len:
+            raise FinetuneError(f"the conversation is {len(ids)} tokens long, over max_seq_len = {max_len}",
+                                code="too_long")
+        if all(x == IGNORE_INDEX for x in labels):
+            raise FinetuneError("no token of this conversation would train: it has no assistant message with "
+                                "content (or every assistant message has weight 0)", code="no_trainable_tokens")
+        return Encoded(ids, labels)
+
+    def _tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def _by_pieces(self, full: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+        ids: list[int] = []
+        labels: list[int] = []
+        pos = 0
+        for start, end in spans:
+            piece = self._tokenize(full[pos:start])
+            ids += piece
+            labels += [IGNORE_INDEX] * len(piece)
+            piece = self._tokenize(full[start:end])
+            ids += piece
+            labels += piece
+            pos = end
+        piece = self._tokenize(full[pos:])
+        ids += piece
+        labels += [IGNORE_INDEX] * len(piece)
+        return ids, labels
+
+    def _by_offsets(self, full: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        labels = []
+        for tok, (a, b) in zip(ids, enc["offset_mapping"]):
+            inside = any(a < end and b > start for start, end in spans)
+            labels.append(tok if inside else IGNORE_INDEX)
+        return ids, labels
+
+
+def choose_pad_token_id(tokenizer: Any, end_of_turn_id: int) -> int:
+    """A pad id distinct from end-of-turn and eos, from the tokenizer's existing vocabulary.
+
+    SmolLM2 ships pad = eos = <|im_end|>: a collator that masks pad ids would then mask every end-of-turn and the
+    model would never learn to stop. Labels here never come from pad ids, and pads never enter attention or loss,
+    so any other existing token serves; none is added (a new token would need the embeddings trained, which vLLM's
+    LoRA does not serve).
+    """
+    taken = {end_of_turn_id, tokenizer.eos_token_id}
+    for candidate in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.bos_token_id):
+        if candidate is not None and candidate not in taken:
+            return int(candidate)
+    for token in tokenizer.all_special_tokens:
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if tid is not None and tid not in taken:
+            return int(tid)
+    return 0 if 0 not in taken else 1
+
+
+def _content_text(msg: Message) -> str:
+    content = msg.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, list):  # OpenAI content parts: the text parts, joined as the templates do
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return str(content)
+
+
+def _template_view(messages: Sequence[Message]) -> list[Message]:
+    """Messages as the template should see them: our training-only keys (weight) removed, text parts joined."""
+    out = []
+    for m in messages:
+        view = {k: v for k, v in m.items() if k != "weight"}
+        if isinstance(view.get("content"), list):
+            view["content"] = _content_text(view)
+        out.append(view)
+    return out

@@ -1,0 +1,134 @@
+"""Validation: every problem of every row, with its line and a stable code; nothing trains on a row that fails.
+
+Two passes. `check_structure` needs no model: OpenAI's own classes (a row is an object with a non-empty `messages`
+list of {role, content[, name, weight]} with known roles and at least one assistant message). `TokenCheck` renders
+each conversation with the model's own chat template through `finetune.masking.ChatEncoder`, the very code the
+trainer uses, so `too_long`, `no_trainable_tokens` and `template_render_error` mean exactly what training would hit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import FinetuneError
+from finetune.intake import Row
+from finetune.problems import Problem
+
+ROLES = ("system", "user", "assistant")
+MESSAGE_KEYS = frozenset({"role", "content", "name", "weight"})
+
+
+def _short(value: Any) -> str:
+    """A value safe to quote in a report: short, and only for role-like labels."""
+    text = repr(value)
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+def _content_ok(content: Any) -> bool:
+    if isinstance(content, str):
+        return bool(content.strip())
+    if isinstance(content, list):  # OpenAI content parts; only text parts train
+        return bool(content) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                                     for p in content) and any(p["text"].strip() for p in content)
+    return False
+
+
+def check_structure(data: Any) -> list[tuple[str, str]]:
+    """(code, message) for each distinct problem of one record; empty when the record is well formed."""
+    if not isinstance(data, dict):
+        return [("data_type", f"expected a JSON object, got {type(data).__name__}")]
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        got = "missing" if messages is None else ("empty" if messages == [] else type(messages).__name__)
+        return [("missing_messages_list", f"`messages` must be a non-empty list of messages ({got})")]
+    found: dict[str, str] = {}
+
+    def add(code: str, message: str) -> None:
+        found.setdefault(code, message)
+
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            add("data_type", f"message {i} is not a JSON object")
+            continue
+        if "role" not in msg:
+            add("message_missing_key", f"message {i} has no `role`")
+        elif msg["role"] not in ROLES:
+            add("unrecognized_role", f"message {i} has role {_short(msg['role'])}; use one of {', '.join(ROLES)}")
+        unknown = sorted(str(k) for k in msg.keys() - MESSAGE_KEYS)
+        if unknown:
+            add("message_unrecognized_key", f"message {i} has key(s) {', '.join(_short(k) for k in unknown)}; "
+                                            f"allowed: {', '.join(sorted(MESSAGE_KEYS))}")
+        if not _content_ok(msg.get("content")):
+            add("missing_content", f"message {i} has no content (it must be a non-empty string)")
+        if "weight" in msg and (msg.get("role") != "assistant" or msg["weight"] not in (0, 1)
+                                or isinstance(msg["weight"], bool)):
+            add("invalid_weight", f"message {i}: `weight` is allowed on assistant messages only, as 0 or 1")
+    if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+        add("example_missing_assistant_message", "the conversation has no assistant message to learn from")
+    return list(found.items())
+
+
+def load_encoder(model_dir: Path):
+    """The trainer's ChatEncoder for the model store folder (tokenizer and chat template from there, offline)."""
+    from finetune.masking import ChatEncoder
+
+    if not (model_dir / "tokenizer_config.json").is_file() and not (model_dir / "tokenizer.json").is_file():
+        raise FinetuneError(f"{model_dir} has no tokenizer files; import the model with `sovereign models import`",
+                            code="model_not_found")
+    return ChatEncoder.from_model_dir(model_dir)
+
+
+@dataclass
+class TokenStats:
+    tokens: int
+    trainable: int
+
+
+class TokenCheck:
+    """Renders and tokenizes conversations exactly as training will; maps refusals to problems."""
+
+    def __init__(self, encoder: Any, max_seq_len: int) -> None:
+        self.encoder = encoder
+        self.max_seq_len = max_seq_len
+
+    def check(self, messages: list[dict[str, Any]]) -> tuple[tuple[str, str] | None, TokenStats | None]:
+        try:
+            encoded = self.encoder.encode(messages, max_len=self.max_seq_len)
+        except FinetuneError as exc:
+            return (exc.code, str(exc)), None
+        return None, TokenStats(len(encoded.input_ids), encoded.n_trainable)
+
+
+@dataclass
+class Checked:
+    rows: list[Row] = field(default_factory=list)  # rows that passed
+    problems: list[Problem] = field(default_factory=list)
+    stats: dict[int, TokenStats] = field(default_factory=dict)  # by line, for rows that passed the token check
+
+
+def validate_structure(rows: Iterable[Row], file: str | None = None) -> Checked:
+    out = Checked()
+    for row in rows:
+        found = check_structure(row.data)
+        if found:
+            out.problems += [Problem(line=row.line, code=c, message=m, file=file) for c, m in found]
+        else:
+            out.rows.append(row)
+    return out
+
+
+def validate_tokens(rows: Iterable[Row], check: TokenCheck, file: str | None = None, progress=None) -> Checked:
+    out = Checked()
+    for row in rows:
+        found, stats = check.check(row.data["messages"])
+        if found:
+            out.problems.append(Problem(line=row.line, code=found[0], message=found[1], file=file))
+        else:
+            out.rows.append(row)
+            out.stats[row.line] = stats
+        if progress is not None:
+            progress()
+    return out

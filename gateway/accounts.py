@@ -1,0 +1,242 @@
+"""Teams and API keys: what the admin API and `sovereign keys|teams` do, on the database, with pydantic at the edge.
+
+A key is `sk-sov-` + 43 random url-safe characters (256 bits), shown once at creation; the database keeps only its
+SHA-256 (enough for a secret of this entropy: no salt or slow hash needed) and a short prefix for listings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from gateway.db import ApiKey, Team, bump_generation, utcnow
+from sovereign.errors import SovereignError
+
+KEY_PREFIX = "sk-sov-"
+PiiMode = Literal["off", "redact", "block"]
+InjectionMode = Literal["off", "flag", "block"]
+AuditContent = Literal["none", "hash", "redacted"]
+LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "daily_tokens", "monthly_tokens")
+
+
+class AccountError(SovereignError):
+    code = "account_error"
+
+    def __init__(self, message: str, *, code: str, status: int = 400) -> None:
+        super().__init__(message, code=code)
+        self.status = status
+
+
+def generate_secret() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+class Limits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1)
+    daily_tokens: int | None = Field(None, ge=1)
+    monthly_tokens: int | None = Field(None, ge=1)
+
+
+class TeamSpec(Limits):
+    """A team's policy. `allowed_models` are glob patterns over model ids, adapters included (`support@*`)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    allowed_models: list[str] = Field(default_factory=lambda: ["*"])
+    max_tokens: int | None = Field(None, ge=1)
+    pii: PiiMode = "off"
+    injection: InjectionMode = "flag"
+    audit_content: AuditContent = "hash"
+
+
+class TeamUpdate(Limits):
+    """Fields to change; a field left out keeps its value, a limit set to null removes it."""
+
+    allowed_models: list[str] | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    pii: PiiMode | None = None
+    injection: InjectionMode | None = None
+    audit_content: AuditContent | None = None
+
+
+class TeamOut(TeamSpec):
+    created_at: datetime
+    updated_at: datetime
+    active_keys: int = 0
+
+
+class KeySpec(Limits):
+    team: str
+    name: str = Field("", max_length=128)
+    is_admin: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _strip(cls, v: str) -> str:
+        return v.strip()
+
+
+class KeyOut(BaseModel):
+    id: str
+    team: str
+    name: str
+    prefix: str
+    is_admin: bool
+    limits: Limits
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+class KeyCreated(KeyOut):
+    secret: str  # shown once; only its hash is stored
+
+
+def _team_out(t: Team, active_keys: int = 0) -> TeamOut:
+    return TeamOut(name=t.name, allowed_models=list(t.allowed_models or []), max_tokens=t.max_tokens, pii=t.pii,
+                   injection=t.injection, audit_content=t.audit_content,
+                   **{f: getattr(t, f) for f in LIMIT_FIELDS}, created_at=t.created_at, updated_at=t.updated_at,
+                   active_keys=active_keys)
+
+
+def _key_out(k: ApiKey) -> KeyOut:
+    return KeyOut(id=k.id, team=k.team, name=k.name, prefix=k.prefix, is_admin=k.is_admin,
+                  limits=Limits(**{f: getattr(k, f) for f in LIMIT_FIELDS}), created_at=k.created_at,
+                  revoked_at=k.revoked_at)
+
+
+class Accounts:
+    """Team and key operations on one database; each method is one transaction."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # teams -----------------------------------------------------------------------------------------------------
+    def create_team(self, spec: TeamSpec) -> TeamOut:
+        with Session(self.engine, expire_on_commit=False) as s, s.begin():
+            if s.get(Team, spec.name) is not None:
+                raise AccountError(f"team {spec.name!r} already exists", code="team_exists", status=409)
+            team = Team(**spec.model_dump())
+            s.add(team)
+            bump_generation(s)
+            s.flush()
+            return _team_out(team)
+
+    def get_team(self, name: str) -> TeamOut:
+        with Session(self.engine) as s:
+            team = self._team(s, name)
+            return _team_out(team, self._active_keys(s, name))
+
+    def list_teams(self) -> list[TeamOut]:
+        with Session(self.engine) as s:
+            teams = s.scalars(select(Team).order_by(Team.name)).all()
+            return [_team_out(t, self._active_keys(s, t.name)) for t in teams]
+
+    def update_team(self, name: str, changes: TeamUpdate) -> TeamOut:
+        fields = changes.model_dump(exclude_unset=True)
+        with Session(self.engine, expire_on_commit=False) as s, s.begin():
+            team = self._team(s, name)
+            for field, value in fields.items():
+                if value is None and field not in (*LIMIT_FIELDS, "max_tokens"):
+                    continue
+                setattr(team, field, value)
+            team.updated_at = utcnow()
+            bump_generation(s)
+            s.flush()
+            return _team_out(team, self._active_keys(s, name))
+
+    def delete_team(self, name: str, *, force: bool = False) -> int:
+        """Delete a team; with keys it needs `force`, which deletes its keys too. Returns the keys deleted."""
+        with Session(self.engine) as s, s.begin():
+            team = self._team(s, name)
+            keys = s.scalars(select(ApiKey).where(ApiKey.team == name)).all()
+            if keys and not force:
+                raise AccountError(f"team {name!r} still has {len(keys)} key(s); revoke them or pass force",
+                                   code="team_has_keys", status=409)
+            for k in keys:
+                s.delete(k)
+            s.flush()
+            s.delete(team)
+            bump_generation(s)
+            return len(keys)
+
+    # keys ------------------------------------------------------------------------------------------------------
+    def create_key(self, spec: KeySpec, *, secret: str | None = None, key_id: str | None = None) -> KeyCreated:
+        """A new key for `spec.team`; `secret` lets the bootstrap key be a value chosen outside."""
+        secret = secret or generate_secret()
+        with Session(self.engine, expire_on_commit=False) as s, s.begin():
+            self._team(s, spec.team)
+            key = ApiKey(id=key_id or "key_" + secrets.token_hex(8), team=spec.team, name=spec.name,
+                         secret_hash=hash_secret(secret), prefix=secret[:12], is_admin=spec.is_admin,
+                         **{f: getattr(spec, f) for f in LIMIT_FIELDS})
+            s.add(key)
+            bump_generation(s)
+            s.flush()
+            out = _key_out(key)
+        return KeyCreated(**out.model_dump(), secret=secret)
+
+    def list_keys(self, team: str | None = None, *, include_revoked: bool = False) -> list[KeyOut]:
+        with Session(self.engine) as s:
+            q = select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
+            if team is not None:
+                q = q.where(ApiKey.team == team)
+            if not include_revoked:
+                q = q.where(ApiKey.revoked_at.is_(None))
+            return [_key_out(k) for k in s.scalars(q).all()]
+
+    def revoke_key(self, key_id: str) -> KeyOut:
+        with Session(self.engine, expire_on_commit=False) as s, s.begin():
+            key = s.get(ApiKey, key_id)
+            if key is None:
+                raise AccountError(f"no key with id {key_id!r}", code="key_not_found", status=404)
+            if key.revoked_at is None:
+                key.revoked_at = utcnow()
+                bump_generation(s)
+            s.flush()
+            return _key_out(key)
+
+    def ensure_bootstrap_key(self, secret: str, team: str = "admin") -> str:
+        """Make `secret` a working admin key (idempotent); returns its key id."""
+        digest = hash_secret(secret)
+        with Session(self.engine) as s:
+            existing = s.scalars(select(ApiKey).where(ApiKey.secret_hash == digest)).first()
+            if existing is not None:
+                return existing.id
+            has_team = s.get(Team, team) is not None
+        if not has_team:
+            try:
+                self.create_team(TeamSpec(name=team))
+            except AccountError:
+                pass  # another gateway replica created it a moment ago
+        key_id = "key_bootstrap_" + digest[:8]
+        try:
+            self.create_key(KeySpec(team=team, name="bootstrap", is_admin=True), secret=secret, key_id=key_id)
+        except Exception:
+            # Two replicas racing on the same bootstrap key: the loser finds the winner's row.
+            with Session(self.engine) as s:
+                if s.scalars(select(ApiKey).where(ApiKey.secret_hash == digest)).first() is None:
+                    raise
+        return key_id
+
+    # helpers ---------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _team(s: Session, name: str) -> Team:
+        team = s.get(Team, name)
+        if team is None:
+            raise AccountError(f"no team named {name!r}", code="team_not_found", status=404)
+        return team
+
+    @staticmethod
+    def _active_keys(s: Session, team: str) -> int:
+        return len(s.scalars(select(ApiKey.id).where(ApiKey.team == team, ApiKey.revoked_at.is_(None))).all())

@@ -1,0 +1,122 @@
+"""The admin API (FastAPI, under /admin): teams and keys, for an admin key only.
+
+Clarity wins over speed here, so it uses pydantic and the database directly; each write bumps the directory's
+change counter, so every gateway replica sees it within one refresh interval (this one at once).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway import errors as E
+from gateway.accounts import AccountError, Accounts, KeyCreated, KeyOut, KeySpec, TeamOut, TeamSpec, TeamUpdate
+from gateway.directory import Directory, KeyEntry
+from gateway.proxy import _bearer
+
+
+def _error(status: int, message: str, type_: str, code: str | None, param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                        status_code=status)
+
+
+def require_admin(request: Request) -> KeyEntry:
+    secret = _bearer(request.scope)
+    entry = request.app.state.directory.lookup(secret) if secret else None
+    if entry is None:
+        raise E.invalid_api_key()
+    if not entry.is_admin:
+        raise E.admin_required()
+    return entry
+
+
+Admin = Annotated[KeyEntry, Depends(require_admin)]
+
+
+def build_admin_app(accounts: Accounts, directory: Directory, status: Any = None) -> FastAPI:
+    app = FastAPI(title="Sovereign gateway admin API", version="1", docs_url="/admin/docs",
+                  openapi_url="/admin/openapi.json", redoc_url=None)
+
+    app.state.directory = directory
+
+    def changed() -> None:
+        directory.reload_if_changed()
+
+    @app.exception_handler(E.GatewayError)
+    async def _gateway_error(_: Request, exc: E.GatewayError) -> JSONResponse:
+        return JSONResponse(exc.payload(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "unknown_url", 405: "method_not_allowed"}
+        return _error(exc.status_code, str(exc.detail), "invalid_request_error",
+                      codes.get(exc.status_code, f"http_{exc.status_code}"))
+
+    @app.exception_handler(AccountError)
+    async def _account_error(_: Request, exc: AccountError) -> JSONResponse:
+        return _error(exc.status, exc.message, "invalid_request_error", exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return _error(400, f"{loc or 'body'}: {first.get('msg', 'invalid request')}", "invalid_request_error",
+                      "invalid_request", loc or None)
+
+    @app.get("/admin/teams", response_model=list[TeamOut])
+    def list_teams(_: Admin) -> list[TeamOut]:
+        return accounts.list_teams()
+
+    @app.post("/admin/teams", response_model=TeamOut, status_code=201)
+    def create_team(spec: TeamSpec, _: Admin) -> TeamOut:
+        out = accounts.create_team(spec)
+        changed()
+        return out
+
+    @app.get("/admin/teams/{name}", response_model=TeamOut)
+    def get_team(name: str, _: Admin) -> TeamOut:
+        return accounts.get_team(name)
+
+    @app.patch("/admin/teams/{name}", response_model=TeamOut)
+    def update_team(name: str, changes: TeamUpdate, _: Admin) -> TeamOut:
+        out = accounts.update_team(name, changes)
+        changed()
+        return out
+
+    @app.delete("/admin/teams/{name}")
+    def delete_team(name: str, _: Admin, force: bool = False) -> dict:
+        deleted = accounts.delete_team(name, force=force)
+        changed()
+        return {"deleted": name, "keys_deleted": deleted}
+
+    @app.get("/admin/keys", response_model=list[KeyOut])
+    def list_keys(_: Admin, team: str | None = None, include_revoked: bool = False) -> list[KeyOut]:
+        return accounts.list_keys(team, include_revoked=include_revoked)
+
+    @app.post("/admin/keys", response_model=KeyCreated, status_code=201)
+    def create_key(spec: KeySpec, _: Admin) -> KeyCreated:
+        out = accounts.create_key(spec)
+        changed()
+        return out
+
+    @app.post("/admin/keys/{key_id}/revoke", response_model=KeyOut)
+    def revoke_key(key_id: str, _: Admin) -> KeyOut:
+        out = accounts.revoke_key(key_id)
+        changed()
+        return out
+
+    @app.delete("/admin/keys/{key_id}", response_model=KeyOut)
+    def delete_key(key_id: str, _: Admin) -> KeyOut:
+        out = accounts.revoke_key(key_id)
+        changed()
+        return out
+
+    @app.get("/admin/status")
+    def get_status(_: Admin) -> dict:
+        return status() if status is not None else {}
+
+    return app

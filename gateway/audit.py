@@ -1,0 +1,468 @@
+"""Audit trail: one hash-chained record per request, durable before the response completes.
+
+Each record stores the previous record's hash and its own hash, sha256(prev_hash + canonical JSON of the record with
+its id), and ids run 1, 2, 3, ... without gaps, so an edited, deleted or reordered record breaks the chain at that
+record. A one-row head table (last id, last hash) is updated in the same transaction, so cutting records off the end
+is detected too; it is also the lock that serializes appends: several gateway processes writing to one PostgreSQL
+take the head row `FOR UPDATE`, SQLite takes its write lock with `BEGIN IMMEDIATE`.
+
+Group commit: `append` hands the record to one background writer thread per log and waits; the writer takes
+everything queued, writes it in one transaction (one fsync: SQLite in WAL with synchronous=FULL, PostgreSQL's commit)
+and only then wakes the appenders. Concurrent requests share a commit instead of queueing behind one each.
+
+The chain proves integrity relative to the head; someone who can rewrite the whole table and the head can forge a new
+chain, which is why `export` exists: ship the JSONL (with hashes) elsewhere and an old head hash pins history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any
+
+import sqlalchemy as sa
+
+from sovereign.errors import SovereignError
+
+GENESIS = "0" * 64
+_MAX_BATCH = 512
+
+
+class AuditError(SovereignError):
+    code = "audit_error"
+
+
+@dataclass(slots=True)
+class AuditRecord:
+    """One request as the audit trail keeps it; prompt/completion are already absent, hashed or redacted by policy."""
+
+    ts: float  # unix seconds (UTC) when the request arrived
+    request_id: str
+    key_id: str | None
+    team: str | None
+    model: str | None
+    adapter: str | None
+    status: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: float = 0.0
+    ttft_ms: float | None = None
+    policy: dict[str, Any] = field(default_factory=dict)
+    prompt: str | None = None
+    completion: str | None = None
+
+
+_FIELDS = [f.name for f in fields(AuditRecord)]
+
+metadata = sa.MetaData()
+audit_log = sa.Table(
+    "audit_log", metadata,
+    sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("ts", sa.Double, nullable=False),
+    sa.Column("request_id", sa.String(128), nullable=False),
+    sa.Column("key_id", sa.String(128)),
+    sa.Column("team", sa.String(128)),
+    sa.Column("model", sa.String(256)),
+    sa.Column("adapter", sa.String(256)),
+    sa.Column("status", sa.Integer, nullable=False),
+    sa.Column("prompt_tokens", sa.Integer, nullable=False),
+    sa.Column("completion_tokens", sa.Integer, nullable=False),
+    sa.Column("latency_ms", sa.Double, nullable=False),
+    sa.Column("ttft_ms", sa.Double),
+    sa.Column("policy", sa.Text, nullable=False),  # canonical JSON, hashed as stored
+    sa.Column("prompt", sa.Text),
+    sa.Column("completion", sa.Text),
+    sa.Column("prev_hash", sa.String(64), nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+    sa.Index("ix_audit_log_ts", "ts"),
+    sa.Index("ix_audit_log_request_id", "request_id"),
+)
+audit_head = sa.Table(
+    "audit_head", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),  # always 1
+    sa.Column("last_id", sa.BigInteger, nullable=False),
+    sa.Column("last_hash", sa.String(64), nullable=False),
+)
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def record_hash(prev_hash: str, row: dict[str, Any]) -> str:
+    """sha256 over the previous hash and the row's canonical JSON (id and every record field, policy as stored)."""
+    body = {name: row[name] for name in ("id", *_FIELDS)}
+    return hashlib.sha256((prev_hash + canonical_json(body)).encode("utf-8")).hexdigest()
+
+
+def _row_of(record: AuditRecord, row_id: int) -> dict[str, Any]:
+    # Typed as stored, so the hash computed now is the one `verify` recomputes from the database.
+    return {"id": row_id, "ts": float(record.ts), "request_id": record.request_id, "key_id": record.key_id,
+            "team": record.team, "model": record.model, "adapter": record.adapter, "status": int(record.status),
+            "prompt_tokens": int(record.prompt_tokens), "completion_tokens": int(record.completion_tokens),
+            "latency_ms": float(record.latency_ms),
+            "ttft_ms": None if record.ttft_ms is None else float(record.ttft_ms),
+            "policy": canonical_json(record.policy or {}), "prompt": record.prompt, "completion": record.completion}
+
+
+def normalize_url(db_url: str) -> str:
+    """Accept plain `postgresql://` (use psycopg 3) and a bare file path (SQLite)."""
+    if db_url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + db_url.split("://", 1)[1]
+    if "://" not in db_url:
+        return f"sqlite:///{Path(db_url).expanduser()}"
+    return db_url
+
+
+def make_engine(db_url: str, *, writer: bool = True) -> sa.Engine:
+    """An engine whose transactions suit the chain: SQLite in WAL with synchronous=FULL, and BEGIN IMMEDIATE for a
+    writer (take the write lock before reading the head, or two processes could both extend the same head).
+
+    `?synchronous=normal` on a SQLite URL trades power-loss durability for latency: each commit then reaches the
+    operating system (a killed gateway loses nothing acknowledged) but is fsynced only at checkpoints.
+    """
+    url = normalize_url(db_url)
+    if url.startswith("sqlite"):
+        parsed = sa.engine.make_url(url)
+        synchronous = str(parsed.query.get("synchronous", "full")).upper()
+        if synchronous not in ("FULL", "NORMAL", "EXTRA"):
+            raise AuditError(f"{db_url}: synchronous must be full, normal or extra, got {synchronous.lower()!r}",
+                             code="invalid_database_url")
+        parsed = parsed.difference_update_query(["synchronous"])
+        url = parsed.render_as_string(hide_password=False)
+        path = parsed.database
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+
+        @sa.event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn, _record):  # pysqlite's own transaction handling would defer the write lock
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA synchronous={synchronous}")
+            cur.execute("PRAGMA busy_timeout=60000")
+            cur.close()
+
+        @sa.event.listens_for(engine, "begin")
+        def _on_begin(conn):  # a reader gets a consistent WAL snapshot without blocking writers
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+def ensure_schema(engine: sa.Engine) -> None:
+    """Create the tables and the head row if missing; safe when several processes start at once."""
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Two gateways creating the tables at once would collide on the catalog; take turns.
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": 0x50F7A0D1})
+        metadata.create_all(conn, checkfirst=True)
+        if conn.execute(sa.select(audit_head.c.id).where(audit_head.c.id == 1)).first() is None:
+            conn.execute(audit_head.insert().values(id=1, last_id=0, last_hash=GENESIS))
+
+
+@dataclass(slots=True)
+class _Pending:
+    row: AuditRecord
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+
+class AuditLog:
+    """The append side: `await append(record)` returns once the record is committed (group commit)."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self._engine = engine
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._writer, name="audit-writer", daemon=True)
+        self._thread.start()
+        self.batches = 0  # commits made; appended / batches is the group-commit factor
+        self.appended = 0
+
+    async def append(self, record: AuditRecord) -> int:
+        """Queue `record` and wait until its transaction has committed; returns its id in the chain."""
+        if self._closed:
+            raise AuditError("the audit log is closed")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._queue.put(_Pending(record, loop, fut))
+        return await fut
+
+    async def close(self) -> None:
+        """Write what is queued, then stop the writer."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        self._engine.dispose()
+
+    def _writer(self) -> None:
+        sink = _ChainSink(self._engine)
+        stop = False
+        while not stop:
+            item = self._queue.get()
+            batch: list[_Pending] = []
+            if item is None:
+                stop = True
+            else:
+                batch.append(item)
+            while len(batch) < _MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                else:
+                    batch.append(item)
+            if not batch:
+                continue
+            try:
+                ids = sink.commit([p.row for p in batch])
+            except Exception as exc:  # the appenders learn it; the request then fails instead of going unaudited
+                err = AuditError(f"audit write failed: {exc}")
+                _resolve_all(batch, [None] * len(batch), err)
+                continue
+            self.batches += 1
+            self.appended += len(batch)
+            _resolve_all(batch, ids, None)
+        sink.close()
+
+
+class _ChainSink:
+    """The writer thread's one database connection and its four statements, compiled once.
+
+    The per-commit path runs on the DBAPI connection itself: SQLAlchemy's statement execution costs more CPU than the
+    whole rest of a request, and the writer does nothing that needs it beyond the SQL text.
+    """
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self._engine = engine
+        self._pg = engine.dialect.name == "postgresql"
+        ph = "%s" if self._pg else "?"
+        cols = [c.name for c in audit_log.columns]
+        self._cols = cols[:-2]  # all but prev_hash, hash (appended per row)
+        self._insert = f"INSERT INTO audit_log ({', '.join(cols)}) VALUES ({', '.join([ph] * len(cols))})"
+        self._head = "SELECT last_id, last_hash FROM audit_head WHERE id = 1" + (" FOR UPDATE" if self._pg else "")
+        self._update = f"UPDATE audit_head SET last_id = {ph}, last_hash = {ph} WHERE id = 1"
+        self._conn: Any = None
+
+    def commit(self, records: list[AuditRecord]) -> list[int]:
+        if self._conn is None:
+            self._conn = self._engine.raw_connection()
+        conn = self._conn
+        try:
+            cur = conn.cursor()
+            if not self._pg:
+                cur.execute("BEGIN IMMEDIATE")  # the write lock first: no other process can extend this head now
+            cur.execute(self._head)
+            last_id, last_hash = cur.fetchone()
+            first = last_id + 1
+            values = []
+            for rec in records:
+                last_id += 1
+                row = _row_of(rec, last_id)
+                row_hash = record_hash(last_hash, row)
+                values.append((*(row[c] for c in self._cols), last_hash, row_hash))
+                last_hash = row_hash
+            cur.executemany(self._insert, values)
+            cur.execute(self._update, (last_id, last_hash))
+            cur.close()
+            conn.commit()
+        except Exception:
+            self._discard()
+            raise
+        return list(range(first, last_id + 1))
+
+    def _discard(self) -> None:
+        """Roll back and drop the connection: the next batch starts on a fresh one (a restarted database, say)."""
+        conn, self._conn = self._conn, None
+        try:
+            conn.rollback()
+        except Exception:
+            pass
+        try:
+            conn.invalidate()
+        except Exception:
+            pass
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def _resolve_all(batch: list[_Pending], values: list[int | None], exc: BaseException | None) -> None:
+    """Wake the appenders: one call into each event loop per batch, not one per record."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, int | None]]] = {}
+    for p, v in zip(batch, values):
+        by_loop.setdefault(p.loop, []).append((p.future, v))
+
+    def wake(items: list[tuple[asyncio.Future, int | None]]) -> None:
+        for fut, v in items:
+            if fut.done():  # the appender was cancelled (client went away); the record is written regardless
+                continue
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(v)
+
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(wake, items)
+        except RuntimeError:  # that loop has closed; nobody is waiting any more
+            pass
+
+
+def open_audit_log(db_url: str) -> AuditLog:
+    """Open (creating if needed) the audit trail at `db_url`: sqlite:///path, a file path, or postgresql://..."""
+    engine = make_engine(db_url)
+    ensure_schema(engine)
+    return AuditLog(engine)
+
+
+# ------------------------------------------------------------------------------------------------- verify, export
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    ok: bool
+    count: int
+    first_bad_id: int | None = None
+    reason: str = ""
+
+
+def _iter_rows(conn: sa.Connection, since_ts: float | None = None) -> Iterator[dict[str, Any]]:
+    q = sa.select(audit_log).order_by(audit_log.c.id)
+    if since_ts is not None:
+        q = q.where(audit_log.c.ts >= since_ts)
+    for row in conn.execution_options(stream_results=True, yield_per=2000).execute(q):
+        yield dict(row._mapping)
+
+
+def _check_chain(rows: Iterator[dict[str, Any]], head: tuple[int, str] | None) -> VerifyResult:
+    """The chain rules, shared by the database and an exported file: ids 1..n, each linked and hashed right."""
+    expected_id, prev_hash, count = 1, GENESIS, 0
+    for row in rows:
+        rid = row["id"]
+        if rid != expected_id:
+            if rid > expected_id:
+                missing = expected_id if rid == expected_id + 1 else f"{expected_id}..{rid - 1}"
+                return VerifyResult(False, count, expected_id,
+                                    f"record {missing} is missing: the chain jumps from {expected_id - 1} to {rid}")
+            return VerifyResult(False, count, rid, f"record {rid} is out of order (expected {expected_id})")
+        if row["prev_hash"] != prev_hash:
+            return VerifyResult(False, count, rid, f"record {rid} does not link to record {rid - 1} (its prev_hash "
+                                                    "differs): a record before it was changed, removed or reordered")
+        if record_hash(prev_hash, row) != row["hash"]:
+            return VerifyResult(False, count, rid, f"record {rid} was modified: its contents do not match its hash")
+        prev_hash = row["hash"]
+        expected_id += 1
+        count += 1
+    if head is not None:
+        last_id, last_hash = head
+        if last_id > count:
+            missing = count + 1 if last_id == count + 1 else f"{count + 1}..{last_id}"
+            return VerifyResult(False, count, count + 1, f"records {missing} are missing from the end of the chain "
+                                                         f"(the chain head says {last_id} records)")
+        if last_id != count or last_hash != prev_hash:
+            return VerifyResult(False, count, min(last_id + 1, count),
+                                f"the chain head (record {last_id}) does not match the last record ({count})")
+    return VerifyResult(True, count, None, f"{count} records, chain intact")
+
+
+def verify(db_url: str) -> VerifyResult:
+    """Walk the chain from record 1; the first edited, missing or out-of-place record is named."""
+    engine = make_engine(db_url, writer=False)
+    try:
+        insp = sa.inspect(engine)
+        if not insp.has_table("audit_log") or not insp.has_table("audit_head"):
+            return VerifyResult(False, 0, None, "no audit trail in this database (tables audit_log/audit_head missing)")
+        with engine.connect() as conn:  # one transaction: a consistent snapshot while gateways keep appending
+            head = conn.execute(sa.select(audit_head.c.last_id, audit_head.c.last_hash)
+                                .where(audit_head.c.id == 1)).first()
+            if head is None:
+                return VerifyResult(False, 0, None, "the chain head row is missing")
+            return _check_chain(_iter_rows(conn), (int(head[0]), str(head[1])))
+    finally:
+        engine.dispose()
+
+
+def verify_jsonl(path: str | Path) -> VerifyResult:
+    """Check an `export` file on its own (a full export, from record 1): what an auditor runs on their copy."""
+
+    def rows() -> Iterator[dict[str, Any]]:
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                try:
+                    row = json.loads(line)
+                    row["policy"] = canonical_json(row["policy"])
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise AuditError(f"{path}:{lineno}: not an audit export line ({exc})",
+                                     code="invalid_export") from None
+                yield row
+
+    return _check_chain(rows(), None)
+
+
+def _since_ts(since: float | int | str | datetime | None) -> float | None:
+    if since is None:
+        return None
+    if isinstance(since, datetime):
+        return (since if since.tzinfo else since.replace(tzinfo=timezone.utc)).timestamp()
+    if isinstance(since, (int, float)):
+        return float(since)
+    try:
+        return float(since)
+    except ValueError:
+        pass
+    try:
+        return _since_ts(datetime.fromisoformat(since.replace("Z", "+00:00")))
+    except ValueError:
+        raise AuditError(f"--since {since!r}: expected an ISO date/time (2026-11-23T10:00:00Z) or unix seconds",
+                         code="invalid_since") from None
+
+
+def export(db_url: str, out: str | Path | IO[str], since: float | str | datetime | None = None) -> int:
+    """Write records (from `since`, a time) as JSON lines with their hashes; returns how many were written.
+
+    A path is written to a temp file and renamed, so a failed export never leaves half a file.
+    """
+    since_ts = _since_ts(since)
+    engine = make_engine(db_url, writer=False)
+    try:
+        if not sa.inspect(engine).has_table("audit_log"):
+            raise AuditError("no audit trail in this database (table audit_log missing)", code="audit_not_found")
+        if isinstance(out, (str, Path)):
+            target = Path(out)
+            tmp = target.with_name(f".{target.name}.tmp")
+            with open(tmp, "w", encoding="utf-8") as fh:
+                n = _export_to(engine, fh, since_ts)
+                fh.flush()
+            tmp.replace(target)
+            return n
+        return _export_to(engine, out, since_ts)
+    finally:
+        engine.dispose()
+
+
+def _export_to(engine: sa.Engine, fh: IO[str], since_ts: float | None) -> int:
+    n = 0
+    with engine.connect() as conn:
+        for row in _iter_rows(conn, since_ts):
+            row["policy"] = json.loads(row["policy"])
+            row["time"] = datetime.fromtimestamp(row["ts"], tz=timezone.utc).isoformat()
+            fh.write(canonical_json(row) + "\n")
+            n += 1
+    return n

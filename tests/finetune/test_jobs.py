@@ -1,0 +1,91 @@
+"""The job runner's record keeping, without a model: statuses, OpenAI error objects, events, config mapping."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from finetune.jobs import EventLog, JobError, JobRunner, RunnerSettings, config_for_job
+from sovereign.formats import JobRecord
+from sovereign.settings import HomeSettings
+
+EVENT_KEYS = {"id", "created_at", "level", "message", "type", "data"}
+
+
+def _job(home: HomeSettings, **fields) -> JobRecord:
+    record = JobRecord(id=fields.pop("id", "ftjob-unit"), model="SmolLM2-135M-Instruct",
+                       training_file=fields.pop("training_file", "file-missing"), **fields)
+    record.write(home.jobs_dir / record.id / "job.json")
+    return record
+
+
+def test_a_job_whose_training_file_is_missing_fails_with_an_openai_error_and_events(tmp_path):
+    home = HomeSettings(home=tmp_path)
+    record = _job(home, status="queued")
+    job_dir = home.jobs_dir / record.id
+    final = JobRunner(job_dir, home=home, settings=RunnerSettings.load(None)).run()
+    assert final.status == "failed"
+    assert final.error["code"] == "invalid_file" and final.error["param"] == "training_file"
+    assert "file-missing" in final.error["message"]
+    assert final.started_at is not None and final.finished_at is not None
+    assert JobRecord.read(job_dir / "job.json").status == "failed"  # what the gateway reads
+    events = EventLog(job_dir / "events.jsonl").read()
+    assert [e["message"] for e in events][0] == "Fine-tuning job started"
+    assert events[-1]["level"] == "error" and events[-1]["data"]["code"] == "invalid_file"
+    for e in events:
+        assert set(e) == EVENT_KEYS and isinstance(e["created_at"], int) and e["id"].startswith("ftevent-")
+    assert len({e["id"] for e in events}) == len(events)
+
+
+@pytest.mark.parametrize("status", ["succeeded", "failed", "cancelled"])
+def test_a_finished_job_is_not_run_again(tmp_path, status):
+    home = HomeSettings(home=tmp_path)
+    record = _job(home, status=status)
+    with pytest.raises(JobError) as err:
+        JobRunner(home.jobs_dir / record.id, home=home).run()
+    assert err.value.code == "job_finished"
+
+
+def test_a_folder_without_a_job_record_is_refused(tmp_path):
+    with pytest.raises(JobError) as err:
+        JobRunner(tmp_path, home=HomeSettings(home=tmp_path)).run()
+    assert err.value.code == "job_not_found"
+
+
+def test_openai_hyperparameters_and_suffix_go_on_top_of_the_preset(tmp_path):
+    home = HomeSettings(home=tmp_path)
+    uploaded = home.files_dir / "file-abc.jsonl"
+    uploaded.parent.mkdir(parents=True)
+    uploaded.write_text("{}\n")
+    record = JobRecord(id="ftjob-1", model="SmolLM2-135M-Instruct", training_file="file-abc", suffix="Support Bot!",
+                       seed=9, hyperparameters={"n_epochs": 2, "learning_rate_multiplier": 0.5, "batch_size": "auto"},
+                       config="ci-smoke")
+    cfg = config_for_job(record, RunnerSettings.load(None), home.files_dir)
+    assert cfg.name == "support-bot" and cfg.model == "SmolLM2-135M-Instruct"
+    assert cfg.data.train_file == uploaded and cfg.data.prepared_dir is None
+    assert cfg.training.epochs == 2 and cfg.training.seed == 9
+    assert cfg.training.learning_rate == pytest.approx(1e-3 * 0.5)  # ci-smoke's 1e-3 times the multiplier
+
+    newer = JobRecord(id="ftjob-2", model="SmolLM2-135M-Instruct", training_file=str(uploaded), config="ci-smoke",
+                      method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3}}})
+    assert config_for_job(newer, RunnerSettings.load(None), home.files_dir).training.epochs == 3
+
+
+def test_hyperparameters_that_make_no_valid_config_fail_the_job_naming_them(tmp_path):
+    home = HomeSettings(home=tmp_path)
+    data = tmp_path / "data.jsonl"
+    data.write_text("{}\n")
+    record = _job(home, status="queued", training_file=str(data), hyperparameters={"n_epochs": 0}, config="ci-smoke")
+    final = JobRunner(home.jobs_dir / record.id, home=home).run()
+    assert final.status == "failed" and final.error["code"] == "invalid_hyperparameters"
+    assert final.error["param"] == "hyperparameters" and "epochs" in final.error["message"]
+
+
+def test_event_log_appends_whole_json_lines(tmp_path):
+    log = EventLog(tmp_path / "events.jsonl")
+    log("info", "metrics", "Step 1/12: training loss=2.10", {"step": 1, "train_loss": 2.1})
+    log("warn", "message", "說明 ünïcode", {})
+    lines = (tmp_path / "events.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2 and json.loads(lines[1])["message"] == "說明 ünïcode"
+    assert json.loads(lines[0])["data"] == {"step": 1, "train_loss": 2.1}

@@ -1,0 +1,222 @@
+"""`prepare` end to end with the default model's tokenizer: refusals with lines and codes, no PII on disk after
+scrubbing, duplicates gone, and no conversation in both train and validation."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+
+from tests.conftest import DEFAULT_MODEL, run_sovereign
+from finetune.dedup import exact_key
+from finetune.errors import FinetuneError
+from finetune.intake import Row
+from finetune.masking import ChatEncoder
+from finetune.prepare import PrepareOptions, prepare, split_key
+from finetune.problems import DataInvalid
+from finetune.sample_data import BROKEN_FILE, MAIN_FILE, SHAREGPT_FILE, generate
+
+
+@pytest.fixture(scope="module")
+def models_dir(sovereign_home):
+    return sovereign_home / "models"
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sample")
+    return out, generate(out, conversations=400, seed=11)
+
+
+@pytest.fixture(scope="module")
+def prepared(sample, models_dir, tmp_path_factory):
+    data, manifest = sample
+    out = tmp_path_factory.mktemp("prepared") / "out"
+    report = prepare(data / MAIN_FILE, out, model=DEFAULT_MODEL, models_dir=models_dir)
+    return out, report
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _forms(value: str) -> set[str]:
+    """The value as written and without separators: a half-redacted number must not pass either."""
+    return {value.lower(), re.sub(r"[\s\-()+]", "", value).lower()}
+
+
+def test_planted_pii_is_absent_from_every_file_written(sample, prepared):
+    _, manifest = sample
+    out, report = prepared
+    files = sorted(out.iterdir())
+    assert {p.name for p in files} == {"train.jsonl", "val.jsonl", "prepare_report.json"}
+    texts = {p.name: p.read_text(encoding="utf-8").lower() for p in files}
+    leaks = [(name, p["kind"]) for p in manifest["pii"] for name, text in texts.items()
+             if any(form in text for form in _forms(p["value"]))]
+    assert leaks == []
+    for kind in ("phone", "id_number", "bank_card", "email", "address"):
+        assert report.scrub.counts[kind] > 0
+        assert f"[{kind}]" in texts["train.jsonl"] + texts["val.jsonl"]
+
+
+def test_report_records_inputs_stages_and_outputs(sample, prepared):
+    data, _ = sample
+    out, report = prepared
+    on_disk = json.loads((out / "prepare_report.json").read_text())
+    assert on_disk["status"] == "succeeded"
+    assert on_disk["inputs"][0]["sha256"] == __import__("hashlib").sha256((data / MAIN_FILE).read_bytes()).hexdigest()
+    stages = on_disk["stages"]
+    assert stages["read"] == 400 and stages["train"] + stages["val"] == stages["deduplicated"]
+    assert list(stages) == ["read", "valid_structure", "valid_tokens", "deduplicated", "train", "val"]
+    for name in ("train.jsonl", "val.jsonl"):
+        entry = on_disk["outputs"][name]
+        assert entry["sha256"] == __import__("hashlib").sha256((out / name).read_bytes()).hexdigest()
+        assert entry["rows"] == len(_rows(out / name))
+        assert 0 < entry["trainable_tokens"] < entry["tokens"]
+    assert on_disk["model_manifest_sha256"] and on_disk["chat_template_sha256"]
+
+
+def test_every_planted_duplicate_is_removed_and_canaries_survive(sample, prepared):
+    _, manifest = sample
+    out, report = prepared
+    removed = {r.line for r in report.dedup.removed}
+    planted = {dup for _, dup in manifest["duplicates"]["exact"] + manifest["duplicates"]["near"]}
+    assert planted <= removed
+    assert report.dedup.exact_removed >= len(manifest["duplicates"]["exact"])
+    kept_text = (out / "train.jsonl").read_text() + (out / "val.jsonl").read_text()
+    for c in manifest["canaries"]:
+        assert c["line"] not in removed
+        assert c["canary"] in kept_text
+    rows = _rows(out / "train.jsonl") + _rows(out / "val.jsonl")
+    keys = [exact_key(r["messages"]) for r in rows]
+    assert len(keys) == len(set(keys))
+
+
+def test_no_conversation_is_in_both_train_and_validation(prepared):
+    out, report = prepared
+    train, val = _rows(out / "train.jsonl"), _rows(out / "val.jsonl")
+    assert {exact_key(r["messages"]) for r in train}.isdisjoint({exact_key(r["messages"]) for r in val})
+    groups = lambda rows: {split_key(Row(0, r), 0) for r in rows}  # noqa: E731
+    assert groups(train).isdisjoint(groups(val))
+    assert report.split["overlap_checked"] is True
+    assert 0.07 < len(val) / (len(train) + len(val)) < 0.13
+
+
+def test_prepare_is_deterministic(sample, prepared, models_dir, tmp_path):
+    data, _ = sample
+    _, first = prepared
+    again = prepare(data / MAIN_FILE, tmp_path / "again", model=DEFAULT_MODEL, models_dir=models_dir)
+    assert {k: v.sha256 for k, v in again.outputs.items()} == {k: v.sha256 for k, v in first.outputs.items()}
+
+
+def test_broken_file_is_refused_with_exact_lines_and_codes(sample, sovereign_home, tmp_path):
+    data, manifest = sample
+    out = tmp_path / "out"
+    proc = run_sovereign(sovereign_home, "finetune", "prepare", str(data / BROKEN_FILE), "--model", DEFAULT_MODEL,
+                         "--out", str(out), check=False)
+    assert proc.returncode == 2
+    report = json.loads((out / "prepare_report.json").read_text())
+    assert report["status"] == "failed" and report["error"]["code"] == "invalid_training_data"
+    expected = sorted((p["line"], p["code"]) for p in manifest["broken"]["problems"])
+    assert sorted((p["line"], p["code"]) for p in report["problems"]) == expected
+    assert sorted(p.name for p in out.iterdir()) == ["prepare_report.json"]  # nothing to train on
+    table_rows = [re.sub(r"\s+", " ", row) for row in proc.stderr.splitlines() if "│" in row]
+    for line, code in expected:  # the rich table shows each problem with its line and whole code
+        assert any(f"│ {line} │ {code} " in row for row in table_rows), (line, code)
+
+
+def test_drop_policy_leaves_bad_rows_out_and_lists_each(sample, models_dir, tmp_path):
+    data, manifest = sample
+    report = prepare(data / BROKEN_FILE, tmp_path / "out", model=DEFAULT_MODEL, models_dir=models_dir,
+                     options=PrepareOptions(on_invalid="drop"))
+    expected = {p["line"] for p in manifest["broken"]["problems"]}
+    assert {d["line"] for d in report.dropped} == expected
+    assert report.stages["valid_tokens"] == report.stages["read"] - len(expected)
+    assert report.outputs["train.jsonl"].rows + report.outputs["val.jsonl"].rows == report.stages["deduplicated"]
+
+
+def test_too_long_is_counted_with_the_models_tokenizer(models_dir, tmp_path):
+    messages = [{"role": "user", "content": "Where is my order NW-AB12345?"},
+                {"role": "assistant", "content": "It left the warehouse today and arrives in 3 days."}]
+    n = len(ChatEncoder.from_model_dir(models_dir / DEFAULT_MODEL).encode(messages).input_ids)
+    path = tmp_path / "one.jsonl"
+    other = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    path.write_text(json.dumps({"messages": other}) + "\n" + json.dumps({"messages": messages}) + "\n")
+    ok = prepare(path, tmp_path / "ok", model=DEFAULT_MODEL, models_dir=models_dir,
+                 options=PrepareOptions(max_seq_len=n, validation_fraction=0.5))
+    assert ok.problems == []
+    with pytest.raises(DataInvalid) as err:
+        prepare(path, tmp_path / "short", model=DEFAULT_MODEL, models_dir=models_dir,
+                options=PrepareOptions(max_seq_len=n - 1, validation_fraction=0.5))
+    assert [(p.line, p.code) for p in err.value.problems] == [(2, "too_long")]
+
+
+def test_template_render_error_comes_from_the_models_own_template(models_dir, tmp_path):
+    strict = tmp_path / "models" / "strict"
+    shutil.copytree(models_dir / DEFAULT_MODEL, strict, ignore=shutil.ignore_patterns("*.safetensors"))
+    template = (strict / "chat_template.jinja").read_text()
+    (strict / "chat_template.jinja").write_text(
+        "{% if messages | length > 3 %}{{ raise_exception('at most one exchange') }}{% endif %}" + template)
+    path = tmp_path / "d.jsonl"
+    short = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    longer = short + [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (short, longer, short[:1] + [
+        {"role": "assistant", "content": "e"}])))
+    with pytest.raises(DataInvalid) as err:
+        prepare(path, tmp_path / "out", model="strict", models_dir=tmp_path / "models")
+    assert [(p.line, p.code) for p in err.value.problems] == [(2, "template_render_error")]
+
+
+def test_validation_file_overlapping_train_is_refused_with_its_lines(sample, models_dir, tmp_path):
+    data, _ = sample
+    lines = (data / MAIN_FILE).read_text(encoding="utf-8").splitlines()
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train.write_text("\n".join(lines[:80]) + "\n", encoding="utf-8")
+    val.write_text("\n".join([lines[100], lines[5], lines[101], lines[7]]) + "\n", encoding="utf-8")
+    with pytest.raises(DataInvalid) as err:
+        prepare(train, tmp_path / "out", model=DEFAULT_MODEL, models_dir=models_dir, validation_path=val)
+    hits = [(p.file, p.line, p.code) for p in err.value.problems]
+    assert hits == [("val.jsonl", 2, "train_val_overlap"), ("val.jsonl", 4, "train_val_overlap")]
+    report = prepare(train, tmp_path / "out", model=DEFAULT_MODEL, models_dir=models_dir, validation_path=val,
+                     options=PrepareOptions(on_invalid="drop"))
+    assert report.outputs["val.jsonl"].rows == 2
+
+
+def test_output_folder_with_other_files_is_never_replaced(sample, models_dir, tmp_path):
+    data, _ = sample
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(FinetuneError) as err:
+        prepare(data / SHAREGPT_FILE, out, model=DEFAULT_MODEL, models_dir=models_dir)
+    assert err.value.code == "output_exists"
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_cli_prepares_a_sharegpt_export_and_prints_no_pii(sample, sovereign_home, tmp_path):
+    data, manifest = sample
+    out = tmp_path / "out"
+    proc = run_sovereign(sovereign_home, "finetune", "prepare", str(data / SHAREGPT_FILE), "--out", str(out),
+                         "--json")
+    report = json.loads(proc.stdout)
+    assert report["inputs"][0]["format"] == "sharegpt" and report["status"] == "succeeded"
+    assert (out / "train.jsonl").is_file() and (out / "val.jsonl").is_file()
+    shown = (proc.stdout + proc.stderr).lower()
+    assert not [p["value"] for p in manifest["pii"] if any(f in shown for f in _forms(p["value"]))]
+
+
+def test_cli_takes_a_finetune_config_and_uses_its_data_section(sample, sovereign_home, tmp_path):
+    data, manifest = sample
+    lines = (data / MAIN_FILE).read_text(encoding="utf-8").splitlines()[:40]
+    (tmp_path / "export.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cfg = tmp_path / "cs.yaml"
+    cfg.write_text(f"name: cs-test\nmodel: {DEFAULT_MODEL}\ndata:\n  train_file: {tmp_path / 'export.jsonl'}\n"
+                   f"  prepared_dir: {tmp_path / 'prepared'}\n  validation_fraction: 0.25\n  seed: 3\n"
+                   "training:\n  max_seq_len: 512\n  micro_batch_tokens: 1024\n")
+    run_sovereign(sovereign_home, "finetune", "prepare", str(cfg))
+    report = json.loads((tmp_path / "prepared" / "prepare_report.json").read_text())
+    assert report["options"]["max_seq_len"] == 512 and report["options"]["seed"] == 3
+    want = round(0.25 * report["stages"]["deduplicated"])
+    assert want <= report["outputs"]["val.jsonl"]["rows"] <= want + 2  # whole groups go to val

@@ -1,0 +1,172 @@
+"""A fast fake vLLM (OpenAI protocol) for gateway unit tests: real HTTP, scripted behaviour, no model.
+
+The answer echoes the last user text. Magic words in the prompt script failures: `__500__`, `__503__` (an HTTP error
+before any byte), `__slow__` (headers only after `slow_s`), `__stall__` (one chunk, then silence), `__die__` (one
+chunk, then the connection drops), `__trickle__` (0.2 s between chunks), `__vllm_error__` (a 400 in vLLM's own error shape).
+`FakeUpstream.requests` keeps every body received, so tests can check what the gateway forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import uvicorn
+
+
+def _text_of(body: dict) -> str:
+    if "messages" in body:
+        for m in reversed(body["messages"]):
+            if m.get("role") == "user":
+                c = m.get("content")
+                if isinstance(c, list):
+                    return " ".join(p.get("text", "") for p in c if isinstance(p, dict))
+                return c or ""
+        return ""
+    p = body.get("prompt", "")
+    return p if isinstance(p, str) else " ".join(map(str, p))
+
+
+@dataclass
+class FakeUpstream:
+    model: str = "fake-model"
+    adapters: list[str] = field(default_factory=list)
+    always_status: int | None = None  # e.g. 503: this replica refuses everything
+    slow_s: float = 5.0
+    embeddings: bool = True
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    hits: int = 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                while (await receive())["type"] != "lifespan.shutdown":
+                    await send({"type": "lifespan.startup.complete"})
+                await send({"type": "lifespan.shutdown.complete"})
+            return
+        path = scope["path"]
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        if path == "/v1/models":
+            data = [{"id": self.model, "object": "model", "created": 1, "owned_by": "vllm", "root": "/m",
+                     "parent": None, "max_model_len": 2048}]
+            data += [{"id": a, "object": "model", "created": 2, "owned_by": "vllm", "root": f"/adapters/{a}",
+                      "parent": self.model} for a in self.adapters]
+            return await self._json(send, 200, {"object": "list", "data": data})
+        if path == "/health":
+            return await self._json(send, 200, {})
+        self.hits += 1
+        req = orjson.loads(body) if body else {}
+        self.requests.append(req)
+        if self.always_status:
+            return await self._json(send, self.always_status, {"error": {"message": "replica down", "type":
+                                                                         "server_error", "code": None}})
+        text = _text_of(req)
+        if "__500__" in text:
+            return await self._json(send, 500, {"error": {"message": "boom", "type": "server_error", "code": None}})
+        if "__503__" in text:
+            return await self._json(send, 503, {"error": {"message": "busy", "type": "server_error", "code": None}})
+        if "__vllm_error__" in text:
+            return await self._json(send, 400, {"object": "error", "message": "This model's maximum context length "
+                                                "is 2048 tokens.", "type": "BadRequestError", "param": None,
+                                                "code": 400})
+        if "__slow__" in text:
+            await asyncio.sleep(self.slow_s)
+        model = req.get("model", self.model)
+        if path == "/v1/embeddings":
+            if not self.embeddings:
+                return await self._json(send, 404, {"error": {"message": "embeddings not supported",
+                                                              "type": "NotFoundError", "code": 404}})
+            inputs = req.get("input")
+            inputs = [inputs] if isinstance(inputs, str) else inputs
+            n = sum(len(str(i).split()) for i in inputs)
+            return await self._json(send, 200, {"object": "list", "model": model, "data": [
+                {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(len(inputs))],
+                "usage": {"prompt_tokens": n, "total_tokens": n}})
+        chat = path == "/v1/chat/completions"
+        words = ("Echo: " + text).split()[: req.get("max_tokens") or req.get("max_completion_tokens") or 64]
+        prompt_tokens = max(1, len(text.split()))
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
+                 "total_tokens": prompt_tokens + len(words)}
+        rid, created = f"cmpl-{self.hits}", int(time.time())
+        obj = "chat.completion" if chat else "text_completion"
+        if not req.get("stream"):
+            content = " ".join(words)
+            choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+                      if chat else {"index": 0, "text": content, "finish_reason": "stop"})
+            return await self._json(send, 200, {"id": rid, "object": obj, "created": created, "model": model,
+                                                "choices": [choice], "usage": usage})
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        obj += ".chunk" if chat else ""
+
+        def event(payload: dict) -> dict:
+            return {"type": "http.response.body", "body": b"data: " + orjson.dumps(payload) + b"\n\n",
+                    "more_body": True}
+
+        for i, w in enumerate(words):
+            piece = w if i == 0 else " " + w
+            choice = ({"index": 0, "delta": {"content": piece} if i else {"role": "assistant", "content": piece},
+                       "finish_reason": None} if chat else {"index": 0, "text": piece, "finish_reason": None})
+            await send(event({"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}))
+            if "__die__" in text and i == 1:
+                raise RuntimeError("fake upstream drops the connection mid-stream")
+            if "__stall__" in text and i == 1:
+                await asyncio.sleep(self.slow_s)
+            if "__trickle__" in text:
+                await asyncio.sleep(0.2)
+        last = {"index": 0, "delta": {}, "finish_reason": "stop"} if chat else \
+            {"index": 0, "text": "", "finish_reason": "stop"}
+        await send(event({"id": rid, "object": obj, "created": created, "model": model, "choices": [last]}))
+        if (req.get("stream_options") or {}).get("include_usage"):
+            await send(event({"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+                              "usage": usage}))
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    @staticmethod
+    async def _json(send, status: int, payload: dict) -> None:
+        body = orjson.dumps(payload)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ThreadServer:
+    """Run an ASGI app under uvicorn in a daemon thread (the httpx test-suite pattern)."""
+
+    def __init__(self, app, port: int | None = None, lifespan: str = "on") -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    access_log=False, lifespan=lifespan, loop="asyncio",
+                                                    http="httptools"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "ThreadServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"server on port {self.port} did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)

@@ -1,0 +1,267 @@
+"""The audit trail on real SQLite and real PostgreSQL: group commit, tamper detection, concurrency, crash safety."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import sqlalchemy as sa
+from gw_stores import REPO, pg_url, sqlite_url, worker_cmd  # noqa: F401  (fixtures)
+from typer.testing import CliRunner
+
+from gateway.audit import AuditRecord, export, open_audit_log, record_hash, verify, verify_jsonl
+from sovereign.offline import offline_env
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request):
+    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+
+
+def rec(i: int, **kw) -> AuditRecord:
+    base = dict(ts=time.time(), request_id=f"req-{i}", key_id="key-1", team="sales", model="SmolLM2-135M-Instruct",
+                adapter="support@3" if i % 2 else None, status=200, prompt_tokens=10 + i, completion_tokens=i,
+                latency_ms=12.5, ttft_ms=3.25, policy={"pii": "redact", "pii_found": {"PHONE": 1}, "injection": False},
+                prompt="我的电话是 [PHONE]", completion=None)
+    base.update(kw)
+    return AuditRecord(**base)
+
+
+def append_many(db_url: str, n: int) -> dict:
+    async def go():
+        log = open_audit_log(db_url)
+        ids = await asyncio.gather(*(log.append(rec(i)) for i in range(n)))
+        stats = {"ids": ids, "batches": log.batches, "appended": log.appended}
+        await log.close()
+        return stats
+
+    return asyncio.run(go())
+
+
+def execute(db_url: str, *statements: str) -> None:
+    from gateway.audit import make_engine
+
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        for s in statements:
+            conn.execute(sa.text(s))
+    engine.dispose()
+
+
+def test_concurrent_appends_share_commits_and_the_chain_verifies(db_url):
+    stats = append_many(db_url, 300)
+    assert sorted(stats["ids"]) == list(range(1, 301))
+    assert stats["batches"] < 300  # group commit: concurrent appends shared transactions
+    assert verify(db_url) == verify(db_url)
+    result = verify(db_url)
+    assert result.ok and result.count == 300 and result.first_bad_id is None, result
+
+
+def test_reopening_continues_the_chain(db_url):
+    append_many(db_url, 5)
+    append_many(db_url, 5)
+    result = verify(db_url)
+    assert result.ok and result.count == 10
+
+
+def test_an_edited_record_fails_verify_naming_it(db_url):
+    append_many(db_url, 20)
+    execute(db_url, "UPDATE audit_log SET completion_tokens = 1 WHERE id = 7")
+    result = verify(db_url)
+    assert not result.ok and result.first_bad_id == 7 and "record 7 was modified" in result.reason
+    assert result.count == 6
+
+
+def test_an_edited_record_with_a_recomputed_hash_still_fails_at_the_next(db_url):
+    append_many(db_url, 20)
+    from gateway.audit import make_engine
+
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        row = dict(conn.execute(sa.text("SELECT * FROM audit_log WHERE id = 7")).mappings().one())
+        row["status"] = 500
+        new_hash = record_hash(row["prev_hash"], row)
+        conn.execute(sa.text("UPDATE audit_log SET status = 500, hash = :h WHERE id = 7"), {"h": new_hash})
+    engine.dispose()
+    result = verify(db_url)
+    assert not result.ok and result.first_bad_id == 8 and "does not link" in result.reason
+
+
+def test_a_deleted_record_fails_verify_naming_the_gap(db_url):
+    append_many(db_url, 20)
+    execute(db_url, "DELETE FROM audit_log WHERE id = 11")
+    result = verify(db_url)
+    assert not result.ok and result.first_bad_id == 11 and "record 11 is missing" in result.reason
+
+
+def test_records_cut_off_the_end_fail_verify(db_url):
+    append_many(db_url, 20)
+    execute(db_url, "DELETE FROM audit_log WHERE id >= 19")
+    result = verify(db_url)
+    assert not result.ok and result.first_bad_id == 19 and "19..20 are missing" in result.reason
+
+
+def test_swapped_records_fail_verify_naming_the_first(db_url):
+    append_many(db_url, 20)
+    execute(db_url, "UPDATE audit_log SET id = -1 WHERE id = 5", "UPDATE audit_log SET id = 5 WHERE id = 6",
+            "UPDATE audit_log SET id = 6 WHERE id = -1")
+    result = verify(db_url)
+    assert not result.ok and result.first_bad_id == 5, result
+
+
+def test_export_writes_jsonl_that_verifies_on_its_own(db_url, tmp_path):
+    append_many(db_url, 30)
+    out = tmp_path / "audit.jsonl"
+    assert export(db_url, out) == 30
+    lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in lines] == list(range(1, 31))
+    assert lines[0]["prompt"] == "我的电话是 [PHONE]" and lines[0]["policy"]["pii_found"] == {"PHONE": 1}
+    assert lines[0]["time"].endswith("+00:00")
+    assert verify_jsonl(out).ok
+    # An auditor's copy is tamper-evident too.
+    lines[3]["status"] = 404
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines), encoding="utf-8")
+    result = verify_jsonl(bad)
+    assert not result.ok and result.first_bad_id == 4
+
+
+def test_export_since_filters_by_time(sqlite_url):  # noqa: F811
+    async def go():
+        log = open_audit_log(sqlite_url)
+        for i in range(10):
+            await log.append(rec(i, ts=1_700_000_000.0 + i * 3600))
+        await log.close()
+
+    asyncio.run(go())
+    buf = io.StringIO()
+    assert export(sqlite_url, buf, since="2023-11-14T23:00:00Z") == 9  # record 0 is at 22:13:20 UTC
+    assert export(sqlite_url, io.StringIO(), since=1_700_000_000.0 + 5 * 3600) == 5
+
+
+def test_verify_an_empty_or_missing_trail(sqlite_url, tmp_path):  # noqa: F811
+    result = verify(f"sqlite:///{tmp_path / 'nothing.db'}")
+    assert not result.ok and "no audit trail" in result.reason
+    asyncio.run(open_audit_log(sqlite_url).close())
+    assert verify(sqlite_url).ok and verify(sqlite_url).count == 0
+
+
+def test_audit_cli_verify_and_export(sqlite_url, tmp_path):  # noqa: F811
+    import typer
+
+    from gateway.audit_cli import register_audit
+
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        pass
+
+    register_audit(app)
+    runner = CliRunner()
+    append_many(sqlite_url, 12)
+    ok = runner.invoke(app, ["audit", "verify", "--database-url", sqlite_url])
+    assert ok.exit_code == 0 and "12 records, chain intact" in ok.output
+    out = tmp_path / "x.jsonl"
+    exp = runner.invoke(app, ["audit", "export", "--database-url", sqlite_url, "-o", str(out)])
+    assert exp.exit_code == 0 and len(out.read_text().splitlines()) == 12
+    execute(sqlite_url, "UPDATE audit_log SET team = 'other' WHERE id = 3")
+    bad = runner.invoke(app, ["audit", "verify", "--database-url", sqlite_url])
+    assert bad.exit_code == 1 and "record 3" in bad.output
+    since = runner.invoke(app, ["audit", "export", "--database-url", sqlite_url, "--since", "last week"])
+    assert since.exit_code == 2 and "invalid_since" in since.output
+
+
+def test_two_processes_appending_concurrently_keep_one_valid_chain(db_url):
+    procs = [subprocess.Popen(worker_cmd("audit-append", db_url, tag, "300", "16"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=offline_env(), cwd=REPO) for tag in ("a", "b")]
+    acked = set()
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        acked |= {line.split()[1] for line in out.splitlines() if line.startswith("ACK")}
+    assert len(acked) == 600
+    result = verify(db_url)
+    assert result.ok and result.count == 600, result
+    from gateway.audit import make_engine
+
+    engine = make_engine(db_url, writer=False)
+    with engine.connect() as conn:
+        stored = {r[0] for r in conn.execute(sa.text("SELECT request_id FROM audit_log"))}
+    engine.dispose()
+    assert stored == acked
+
+
+def test_sigkill_while_appending_loses_no_acknowledged_record(db_url):
+    acked: set[str] = set()
+    for round_ in range(3):
+        p = subprocess.Popen(worker_cmd("audit-append", db_url, f"r{round_}", str(10**9), "32"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=offline_env(), cwd=REPO)
+        seen = 0
+        kill_after = 150 + 97 * round_
+        for line in p.stdout:
+            if line.startswith("ACK"):
+                acked.add(line.split()[1])
+                seen += 1
+                if seen >= kill_after:
+                    break
+        assert seen >= kill_after, p.stderr.read()
+        os.kill(p.pid, signal.SIGKILL)  # mid-flight: batches are being written right now
+        rest, _ = p.communicate(timeout=60)
+        acked |= {line.split()[1] for line in rest.splitlines() if line.startswith("ACK")}
+        assert p.returncode == -signal.SIGKILL
+    result = verify(db_url)
+    assert result.ok, result
+    from gateway.audit import make_engine
+
+    engine = make_engine(db_url, writer=False)
+    with engine.connect() as conn:
+        stored = {r[0] for r in conn.execute(sa.text("SELECT request_id FROM audit_log"))}
+    engine.dispose()
+    assert acked <= stored, f"{len(acked - stored)} acknowledged records lost"
+    assert result.count == len(stored)
+
+
+def test_sqlite_synchronous_normal_is_an_opt_in_and_a_bad_value_is_refused(tmp_path):
+    from gateway.audit import AuditError, make_engine
+
+    url = f"sqlite:///{tmp_path / 'sub' / 'fast.db'}?synchronous=normal"
+    append_many(url, 10)
+    assert verify(url).ok and verify(url).count == 10
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    engine.dispose()
+    engine = make_engine(f"sqlite:///{tmp_path / 'sub' / 'fast.db'}")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL, the default
+    engine.dispose()
+    with pytest.raises(AuditError, match="synchronous must be"):
+        make_engine(f"sqlite:///{tmp_path / 'x.db'}?synchronous=off")
+
+
+def test_sovereign_audit_cli_through_the_real_command(sqlite_url, tmp_path):  # noqa: F811
+    append_many(sqlite_url, 7)
+    env = offline_env(SOVEREIGN_HOME=str(tmp_path / "home"), PYTHONPATH=str(REPO))
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "sovereign.cli", "audit", *args], env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+
+    ok = cli("verify", "--database-url", sqlite_url)
+    assert ok.returncode == 0 and "7 records, chain intact" in ok.stdout, ok.stderr
+    out = tmp_path / "export.jsonl"
+    exp = cli("export", "--database-url", sqlite_url, "--out", str(out))
+    assert exp.returncode == 0 and len(out.read_text().splitlines()) == 7, exp.stderr
+    execute(sqlite_url, "DELETE FROM audit_log WHERE id = 4")
+    bad = cli("verify", "--database-url", sqlite_url)
+    assert bad.returncode == 1 and "record 4 is missing" in bad.stderr
+    env["SOVEREIGN_GATEWAY_DATABASE_URL"] = sqlite_url  # the gateway's own variable is the default
+    assert cli("verify").returncode == 1

@@ -1,0 +1,90 @@
+"""End to end: the real `openai` SDK → `sovereign gateway` (a process) → the real vLLM CPU server."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import DEFAULT_MODEL
+
+pytestmark = pytest.mark.integration
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def key(live_gateway) -> str:
+    return live_gateway.make_key("e2e")
+
+
+def test_chat_through_the_gateway_says_paris(live_gateway, key):
+    r = live_gateway.client(key).chat.completions.create(model=DEFAULT_MODEL, messages=FRANCE, temperature=0,
+                                                         max_tokens=24)
+    assert "paris" in r.choices[0].message.content.lower()
+    assert r.usage.prompt_tokens > 0 and r.usage.completion_tokens > 0
+
+
+def test_streaming_through_the_gateway(live_gateway, key):
+    stream = live_gateway.client(key).chat.completions.create(model=DEFAULT_MODEL, messages=FRANCE, temperature=0,
+                                                              max_tokens=24, stream=True)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "paris" in text.lower()
+    assert all(c.usage is None for c in chunks)  # the usage chunk the gateway asked for is not passed on
+
+
+def test_streaming_with_usage_and_completions(live_gateway, key):
+    c = live_gateway.client(key)
+    chunks = list(c.chat.completions.create(model=DEFAULT_MODEL, messages=FRANCE, max_tokens=8, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    r = c.completions.create(model=DEFAULT_MODEL, prompt="The capital of France is", max_tokens=5, temperature=0)
+    assert r.choices[0].text and r.usage.completion_tokens > 0
+
+
+def test_models_listing_shows_the_served_model(live_gateway, key):
+    ids = [m.id for m in live_gateway.client(key).models.list().data]
+    assert DEFAULT_MODEL in ids
+    hidden = live_gateway.make_key("nothing-allowed", allowed_models=["other-*"])
+    assert live_gateway.client(hidden).models.list().data == []
+
+
+def test_error_cases_against_the_real_engine(live_gateway, key):
+    c = live_gateway.client(key)
+    with pytest.raises(openai.AuthenticationError) as e401:
+        live_gateway.client("sk-sov-wrong").chat.completions.create(model=DEFAULT_MODEL, messages=FRANCE)
+    assert e401.value.body["code"] == "invalid_api_key"
+    with pytest.raises(openai.NotFoundError) as e404:
+        c.chat.completions.create(model="gpt-4o", messages=FRANCE)
+    assert e404.value.body["code"] == "model_not_found"
+    other = live_gateway.make_key("other-model-only", allowed_models=["other-*"])
+    with pytest.raises(openai.PermissionDeniedError) as e403:
+        live_gateway.client(other).chat.completions.create(model=DEFAULT_MODEL, messages=FRANCE)
+    assert e403.value.body["code"] == "model_not_allowed"
+    with pytest.raises(openai.BadRequestError) as e400:
+        c.chat.completions.create(model=DEFAULT_MODEL, messages=[])
+    assert e400.value.body["param"] == "messages"
+    # vLLM's own refusal (a prompt past the context window) comes back as an OpenAI 400, not a 5xx.
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model=DEFAULT_MODEL, prompt="word " * 6000, max_tokens=4)
+    blocked = live_gateway.make_key("pii-block", pii="block")
+    with pytest.raises(openai.BadRequestError) as epii:
+        live_gateway.client(blocked).chat.completions.create(
+            model=DEFAULT_MODEL, messages=[{"role": "user", "content": "My ID is 11010519491231002X"}])
+    assert epii.value.body["code"] == "content_policy_violation"
+    limited = live_gateway.make_key("one-rpm", requests_per_minute=1)
+    lc = live_gateway.client(limited)
+    lc.chat.completions.create(model=DEFAULT_MODEL, messages=FRANCE, max_tokens=2)
+    with pytest.raises(openai.RateLimitError) as e429:
+        lc.chat.completions.create(model=DEFAULT_MODEL, messages=FRANCE, max_tokens=2)
+    assert e429.value.response.headers["retry-after"]
+    r = httpx.post(f"{live_gateway.url}/v1/chat/completions", content=b"x" * (5 * 1024 * 1024),
+                   headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_gateway_metrics_after_real_traffic(live_gateway, key):
+    live_gateway.client(key).chat.completions.create(model=DEFAULT_MODEL, messages=FRANCE, max_tokens=4)
+    text = httpx.get(f"{live_gateway.url}/metrics").text
+    assert f'sovereign_gateway_tokens_total{{kind="completion",model="{DEFAULT_MODEL}",team="e2e"}}' in text
+    assert "sovereign_gateway_audit_write_seconds_count" in text

@@ -1,0 +1,130 @@
+"""Policy, quotas and the audit trail as a client and an auditor see them through the gateway."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+
+import httpx
+import openai
+import pytest
+
+from gateway.audit import export, verify
+
+USER = [{"role": "user", "content": "hello there"}]
+PII_TEXT = "My phone is 13812345678 and my mail is li.lei@example.com"
+
+
+def audit_rows(gw) -> list[dict]:
+    buf = io.StringIO()
+    export(gw.app.config.resolved_database_url(), buf)
+    return [json.loads(line) for line in buf.getvalue().splitlines()]
+
+
+def test_every_request_has_an_audit_record_and_the_chain_verifies(gw):
+    c = gw.client(gw.key("acme"))
+    r = c.chat.completions.create(model="fake-model", messages=USER)
+    list(c.chat.completions.create(model="fake-model", messages=USER, stream=True))
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="nope", messages=USER)
+    rows = audit_rows(gw)
+    assert [row["status"] for row in rows] == [200, 200, 404]
+    first = rows[0]
+    assert first["team"] == "acme" and first["model"] == "fake-model" and first["key_id"].startswith("key_")
+    assert first["prompt_tokens"] == r.usage.prompt_tokens and first["completion_tokens"] == 3
+    # Default policy keeps hashes of prompt and completion, not the text.
+    assert first["prompt"] == "sha256:" + hashlib.sha256(b"hello there").hexdigest()
+    assert first["completion"] == "sha256:" + hashlib.sha256(b"Echo: hello there").hexdigest()
+    assert rows[1]["completion"] == first["completion"]  # the streamed text was assembled from its chunks
+    assert rows[1]["completion_tokens"] == 3  # from the usage chunk the client never saw
+    assert verify(gw.app.config.resolved_database_url()).ok
+
+
+def test_adapter_requests_are_audited_with_their_base_model(gw):
+    gw.client(gw.key()).chat.completions.create(model="support@1", messages=USER)
+    row = audit_rows(gw)[-1]
+    assert row["model"] == "fake-model" and row["adapter"] == "support@1"
+
+
+def test_pii_redact_reaches_neither_upstream_nor_audit_nor_logs(gw, upstream, caplog):
+    caplog.set_level(logging.DEBUG)
+    c = gw.client(gw.key("careful", pii="redact", audit_content="redacted"))
+    r = c.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": PII_TEXT}])
+    sent = upstream.requests[-1]["messages"][0]["content"]
+    assert "13812345678" not in sent and "[PHONE]" in sent and "[EMAIL]" in sent
+    assert "13812345678" not in r.choices[0].message.content  # the echo of a redacted prompt
+    row = audit_rows(gw)[-1]
+    assert "[PHONE]" in row["prompt"] and row["policy"]["pii"] == {"action": "redacted",
+                                                                    "counts": {"phone": 1, "email": 1}}
+    with open(gw.app.config.resolved_database_url().split("///", 1)[1], "rb") as f:
+        assert b"13812345678" not in f.read()
+    assert "13812345678" not in caplog.text and "li.lei@example.com" not in caplog.text
+
+
+def test_pii_block_is_400_content_policy_violation_and_audited(gw, upstream):
+    before = upstream.hits
+    with pytest.raises(openai.BadRequestError) as err:
+        gw.client(gw.key("strict", pii="block")).chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": PII_TEXT}])
+    assert err.value.body["code"] == "content_policy_violation" and "phone" in err.value.body["message"]
+    assert upstream.hits == before
+    row = audit_rows(gw)[-1]
+    assert row["status"] == 400 and row["policy"]["pii"]["action"] == "blocked"
+
+
+def test_audit_content_none_keeps_no_text(gw):
+    gw.client(gw.key("quiet", audit_content="none")).chat.completions.create(model="fake-model", messages=USER)
+    row = audit_rows(gw)[-1]
+    assert row["prompt"] is None and row["completion"] is None
+
+
+def test_requests_per_minute_limit_is_429_with_retry_after_and_ratelimit_headers(gw):
+    key = gw.key("rpm", requests_per_minute=2)
+    c = gw.client(key)
+    raw = c.chat.completions.with_raw_response.create(model="fake-model", messages=USER)
+    assert raw.headers["x-ratelimit-limit-requests"] == "2"
+    assert raw.headers["x-ratelimit-remaining-requests"] == "1"
+    c.chat.completions.create(model="fake-model", messages=USER)
+    with pytest.raises(openai.RateLimitError) as err:
+        c.chat.completions.create(model="fake-model", messages=USER)
+    assert err.value.status_code == 429 and err.value.body["code"] == "rate_limit_exceeded"
+    assert int(err.value.response.headers["retry-after"]) >= 1
+    assert 'sovereign_gateway_quota_rejections_total{kind="requests_per_minute",team="rpm"}' in \
+        httpx.get(f"{gw.url}/metrics").text
+
+
+def test_spent_budget_is_429_insufficient_quota(gw):
+    c = gw.client(gw.key("budget", limits={"daily_tokens": 60}))
+    c.chat.completions.create(model="fake-model", messages=USER, max_tokens=20)  # reserves ~20+prompt, uses 5
+    with pytest.raises(openai.RateLimitError) as err:
+        c.chat.completions.create(model="fake-model", messages=USER, max_tokens=200)
+    assert err.value.body["code"] == "insufficient_quota" and err.value.body["type"] == "insufficient_quota"
+    assert err.value.response.headers["retry-after"]
+
+
+def test_quota_is_settled_with_real_usage(gw):
+    # Each request reserves prompt estimate + 40 tokens but uses ~5: with 100 tokens/day, ten such requests fit only
+    # if every reservation is given back down to real usage.
+    c = gw.client(gw.key("settle", limits={"daily_tokens": 100}))
+    for _ in range(10):
+        c.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "hi"}], max_tokens=40)
+
+
+def test_client_disconnect_mid_stream_is_audited_and_billed_for_what_was_generated(gw):
+    key = gw.key("leaver")
+    words = " ".join(f"w{i}" for i in range(30))
+    with httpx.Client(base_url=gw.url, timeout=30) as client:
+        with client.stream("POST", "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                           json={"model": "fake-model", "stream": True,
+                                 "messages": [{"role": "user", "content": f"__trickle__ {words}"}]}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+    deadline = time.monotonic() + 5
+    while not (rows := [row for row in audit_rows(gw) if row["team"] == "leaver"]):
+        assert time.monotonic() < deadline, "no audit record for the abandoned stream"
+        time.sleep(0.1)
+    assert rows[0]["status"] == 499
+    assert 1 <= rows[0]["completion_tokens"] < 31

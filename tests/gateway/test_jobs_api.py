@@ -1,0 +1,342 @@
+"""/v1/files and /v1/fine_tuning/jobs through the real `openai` SDK against a real `sovereign gateway` process.
+
+The jobs run as real detached worker processes started by the gateway's runner; the worker here is
+tests/gateway/fake_ft_worker.py, which writes the job folder exactly as `sovereign finetune run-job` does but in a
+second (the real worker is exercised end to end in tests/e2e/test_finetune_jobs_e2e.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.gateway.conftest import start_gateway_process, write_gateway_config
+from tests.gateway.fake_upstream import FakeUpstream, ThreadServer
+
+WORKER = Path(__file__).with_name("fake_ft_worker.py")
+ROWS = [{"messages": [{"role": "user", "content": f"Where is order {i}?"},
+                      {"role": "assistant", "content": f"Order {i} ships tomorrow."}]} for i in range(20)]
+DATA = ("\n".join(json.dumps(r) for r in ROWS) + "\n").encode()
+
+
+def wait_for(what, predicate, timeout: float = 30.0, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rfind(")") + 2] != "Z"
+
+
+@pytest.fixture(scope="module")
+def ft_upstream():
+    fake = FakeUpstream(model="fake-model", adapters=["support@1"])
+    with ThreadServer(fake) as server:
+        fake.url = server.url
+        yield fake
+
+
+def ft_config(home: Path, upstream_url: str, **fine_tuning) -> Path:
+    ft = {"worker_command": [sys.executable, str(WORKER)], "worker_env": {"FAKE_FT_ADAPTER": "support@1"},
+          "poll_interval_s": 0.2, "max_concurrent_jobs": 1, "max_file_bytes": 100_000, **fine_tuning}
+    # Health checks far apart: a new adapter must become visible because a job succeeded, not by the next poll.
+    return write_gateway_config(home / "gateway.yaml", models={"fake-model": [upstream_url]},
+                                database_url=f"sqlite:///{home / 'gateway.db'}", health_check_interval_s=300,
+                                directory_refresh_s=0.2, access_log=False, fine_tuning=ft)
+
+
+@pytest.fixture(scope="module")
+def ft_gateway(ft_upstream, tmp_path_factory):
+    home = tmp_path_factory.mktemp("ft-gateway")
+    gw = start_gateway_process(ft_config(home, ft_upstream.url), home, name="ft-gateway")
+    gw.home = home
+    yield gw
+    gw.stop()
+    for claim in home.glob("jobs/*/worker.json"):  # no worker outlives the test
+        pid = json.loads(claim.read_text() or "{}").get("pid")
+        if pid and pid_alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+
+
+_n = 0
+
+
+def team_client(gw, allowed=("fake-model",)):
+    global _n
+    _n += 1
+    return gw.client(gw.make_key(f"team{_n}", allowed_models=list(allowed)), timeout=30)
+
+
+def upload(client, data: bytes = DATA, name: str = "train.jsonl"):
+    return client.files.create(file=(name, data), purpose="fine-tune")
+
+
+def finished(client, job_id: str, timeout: float = 30.0):
+    return wait_for(f"{job_id} to finish", lambda: (lambda j: j if j.status in ("succeeded", "failed", "cancelled")
+                                                     else None)(client.fine_tuning.jobs.retrieve(job_id)), timeout)
+
+
+# ------------------------------------------------------------------------------------------------------- files
+def test_upload_list_retrieve_content_delete_round_trip(ft_gateway):
+    client = team_client(ft_gateway)
+    f = upload(client)
+    assert f.object == "file" and f.id.startswith("file-")
+    assert (f.bytes, f.filename, f.purpose) == (len(DATA), "train.jsonl", "fine-tune")
+    assert client.files.retrieve(f.id) == f
+    assert [x.id for x in client.files.list()] == [f.id]
+    assert [x.id for x in client.files.list(purpose="fine-tune")] == [f.id]
+    assert client.files.content(f.id).read() == DATA
+
+    sidecar = json.loads((ft_gateway.home / "files" / f.id / "file.json").read_text())
+    assert sidecar["owner"].startswith("team") and len(sidecar["sha256"]) == 64 and sidecar["rows"] == 20
+    assert (ft_gateway.home / "files" / f.id / "data.jsonl").read_bytes() == DATA
+
+    g = upload(client, name="more.jsonl")
+    page = client.files.list(limit=1)
+    assert [x.id for x in page.data] == [g.id] and page.has_more
+    assert [x.id for x in client.files.list(limit=1, after=g.id).data] == [f.id]
+    assert [x.id for x in client.files.list()] == [g.id, f.id]  # auto-pagination over all pages too
+
+    deleted = client.files.delete(f.id)
+    assert deleted.deleted and deleted.id == f.id
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.files.retrieve(f.id)
+    assert exc.value.code == "file_not_found"
+    assert not (ft_gateway.home / "files" / f.id).exists()
+
+
+def test_uploads_that_are_refused_say_why_and_leave_nothing(ft_gateway):
+    client = team_client(ft_gateway)
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.files.create(file=("train.jsonl", DATA), purpose="batch")
+    assert exc.value.code == "invalid_purpose" and exc.value.param == "purpose"
+
+    broken = DATA + b'{"messages": [\n' + b"[1, 2]\n"
+    with pytest.raises(openai.BadRequestError) as exc:
+        upload(client, broken)
+    assert exc.value.code == "invalid_file_format"
+    assert "line 21: not valid JSON" in exc.value.message and "line 22: expected a JSON object" in exc.value.message
+
+    with pytest.raises(openai.BadRequestError) as exc:
+        upload(client, b"\xff\xfe not text\n")
+    assert "line 1: not UTF-8" in exc.value.message
+
+    with pytest.raises(openai.BadRequestError) as exc:
+        upload(client, b"\n\n")
+    assert exc.value.code == "invalid_file_format"
+
+    with pytest.raises(openai.APIStatusError) as exc:
+        upload(client, DATA * 200)  # over the 100 kB limit configured
+    assert exc.value.status_code == 413 and exc.value.code == "file_too_large"
+
+    with pytest.raises(openai.AuthenticationError):
+        ft_gateway.client("sk-not-a-key").files.list()
+    assert client.files.list().data == []
+    assert not [p for p in (ft_gateway.home / "files").iterdir() if p.name.startswith(".")]
+
+
+def test_a_team_sees_only_its_own_files(ft_gateway):
+    a, b = team_client(ft_gateway), team_client(ft_gateway)
+    f = upload(a)
+    assert b.files.list().data == []
+    for call in (b.files.retrieve, b.files.content, b.files.delete):
+        with pytest.raises(openai.NotFoundError):
+            call(f.id)
+    assert a.files.retrieve(f.id).id == f.id
+
+
+# --------------------------------------------------------------------------------------------------- job errors
+def test_job_create_refusals_are_openai_errors(ft_gateway):
+    client = team_client(ft_gateway)
+    f = upload(client)
+    jobs = client.fine_tuning.jobs
+
+    with pytest.raises(openai.BadRequestError) as exc:
+        jobs.create(model="gpt-4o-mini", training_file=f.id)
+    assert (exc.value.code, exc.value.param) == ("model_not_available", "model")
+    assert "fake-model" in exc.value.message
+
+    with pytest.raises(openai.BadRequestError) as exc:
+        jobs.create(model="support@1", training_file=f.id)  # an adapter is not a base model
+    assert exc.value.code == "model_not_available"
+
+    other = team_client(ft_gateway, allowed=("something-else",))
+    g = upload(other)
+    with pytest.raises(openai.PermissionDeniedError) as exc:
+        other.fine_tuning.jobs.create(model="fake-model", training_file=g.id)
+    assert exc.value.code == "model_not_allowed"
+
+    with pytest.raises(openai.BadRequestError) as exc:
+        jobs.create(model="fake-model", training_file=g.id)  # another team's file
+    assert (exc.value.code, exc.value.param) == ("invalid_file", "training_file")
+
+    with pytest.raises(openai.BadRequestError) as exc:
+        jobs.create(model="fake-model", training_file=f.id, validation_file="file-missing")
+    assert exc.value.param == "validation_file"
+
+    with pytest.raises(openai.BadRequestError) as exc:
+        jobs.create(model="fake-model", training_file=f.id, hyperparameters={"n_epochs": 0})
+    assert exc.value.param == "hyperparameters.n_epochs"
+
+    with pytest.raises(openai.BadRequestError) as exc:
+        jobs.create(model="fake-model", training_file=f.id, method={"type": "dpo"})
+    assert exc.value.code == "unsupported_method"
+
+    with pytest.raises(openai.BadRequestError) as exc:
+        jobs.create(model="fake-model", training_file=f.id, suffix="no spaces please")
+    assert exc.value.param == "suffix"
+
+    with pytest.raises(openai.NotFoundError) as exc:
+        jobs.retrieve("ftjob-doesnotexist")
+    assert exc.value.code == "fine_tuning_job_not_found"
+    assert jobs.list().data == []
+
+
+# --------------------------------------------------------------------------------------------------- job runs
+def test_job_runs_to_succeeded_and_its_adapter_is_callable_by_its_team_only(ft_gateway, ft_upstream):
+    client = team_client(ft_gateway)
+    outsider = team_client(ft_gateway)
+    f = upload(client)
+    # The team may use the base model only: the adapter is not theirs yet.
+    with pytest.raises(openai.PermissionDeniedError):
+        client.chat.completions.create(model="support@1", messages=[{"role": "user", "content": "hi"}])
+
+    job = client.fine_tuning.jobs.create(model="fake-model", training_file=f.id, suffix="support", seed=7,
+                                         hyperparameters={"n_epochs": 2, "learning_rate_multiplier": 0.5})
+    assert job.object == "fine_tuning.job" and job.id.startswith("ftjob-")
+    assert job.status == "queued" and job.seed == 7 and job.training_file == f.id
+    assert job.hyperparameters.n_epochs == 2 and job.hyperparameters.batch_size == "auto"
+    with pytest.raises(openai.APIStatusError) as exc:
+        client.files.delete(f.id)  # its data is in use until the job finishes
+    assert exc.value.status_code == 409 or client.fine_tuning.jobs.retrieve(job.id).status == "succeeded"
+
+    done = finished(client, job.id)
+    assert done.status == "succeeded", done.error
+    assert done.fine_tuned_model == "support@1" and done.trained_tokens == 1234
+    assert done.finished_at >= done.created_at
+
+    record = json.loads((ft_gateway.home / "jobs" / job.id / "job.json").read_text())
+    assert record["owner"] == done.organization_id.removeprefix("org-") and record["runner"] == "local"
+    worker_log = (ft_gateway.home / "jobs" / job.id / "worker.log").read_text()
+    # Offline env, and the gate pointed at a replica of the job's base model.
+    assert f"serving at {ft_upstream.url}; offline=1" in worker_log
+
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    assert events[0].message == "The job has successfully completed"
+    assert events[-1].message == f"Created fine-tuning job: {job.id}"
+    assert {e.object for e in events} == {"fine_tuning.job.event"}
+    assert any(e.type == "metrics" and e.data["step"] == 4 for e in events)
+    first = client.fine_tuning.jobs.list_events(job.id, limit=2)
+    assert [e.id for e in first.data] == [e.id for e in events[:2]] and first.has_more
+    after = client.fine_tuning.jobs.list_events(job.id, limit=2, after=events[1].id)
+    assert [e.id for e in after.data] == [e.id for e in events[2:4]]
+
+    ckpts = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in ckpts] == [4, 2]
+    assert ckpts[0].metrics.train_loss == 0.5 and ckpts[0].fine_tuning_job_id == job.id
+    assert ckpts[0].fine_tuned_model_checkpoint == "support@1:ckpt-step-4"
+
+    listed = client.fine_tuning.jobs.list()
+    assert [j.id for j in listed.data] == [job.id] and listed.data[0].status == "succeeded"
+    assert outsider.fine_tuning.jobs.list().data == []
+    with pytest.raises(openai.NotFoundError):
+        outsider.fine_tuning.jobs.retrieve(job.id)
+
+    # Now the adapter is the team's: callable and listed, for them and nobody else.
+    reply = client.chat.completions.create(model="support@1", messages=[{"role": "user", "content": "hello"}])
+    assert reply.choices[0].message.content
+    assert "support@1" in [m.id for m in client.models.list()]
+    with pytest.raises(openai.PermissionDeniedError):
+        outsider.chat.completions.create(model="support@1", messages=[{"role": "user", "content": "hi"}])
+    assert client.files.delete(f.id).deleted  # finished: the data may go
+
+
+def test_jobs_wait_for_a_free_slot_and_cancel_stops_the_worker(ft_gateway):
+    client = team_client(ft_gateway)
+    f = upload(client)
+    jobs = client.fine_tuning.jobs
+    first = jobs.create(model="fake-model", training_file=f.id, suffix="hold")
+    second = jobs.create(model="fake-model", training_file=f.id, suffix="hold")
+    wait_for("first job running", lambda: jobs.retrieve(first.id).status == "running")
+    claim = ft_gateway.home / "jobs" / first.id / "worker.json"
+    pid = json.loads(claim.read_text())["pid"]
+    assert pid_alive(pid)
+    for _ in range(5):  # max_concurrent_jobs is 1: the second waits however often the runner looks
+        time.sleep(0.3)
+        assert jobs.retrieve(second.id).status == "queued"
+    assert [j.id for j in jobs.list(limit=1).data] == [second.id]
+    assert [j.id for j in jobs.list(limit=1, after=second.id).data] == [first.id]
+
+    cancelled = jobs.cancel(first.id)
+    assert cancelled.status == "cancelled"
+    wait_for("the worker to exit on SIGTERM", lambda: not pid_alive(pid))
+    assert jobs.retrieve(first.id).status == "cancelled"
+    assert jobs.list_events(first.id).data[0].message == "Fine-tuning job cancelled"
+
+    wait_for("second job running", lambda: jobs.retrieve(second.id).status == "running")
+    assert jobs.cancel(second.id).status == "cancelled"
+    assert finished(client, second.id).status == "cancelled"
+    with pytest.raises(openai.BadRequestError) as exc:
+        jobs.cancel(second.id)
+    assert exc.value.code == "job_not_cancellable"
+
+
+def test_a_job_whose_worker_dies_is_marked_failed_with_the_reason(ft_gateway):
+    client = team_client(ft_gateway)
+    f = upload(client)
+    job = client.fine_tuning.jobs.create(model="fake-model", training_file=f.id, suffix="crash")
+    done = finished(client, job.id)
+    assert done.status == "failed" and done.error.code == "worker_died"
+    assert "exited with code 3" in done.error.message and "simulated crash" in done.error.message
+    assert client.fine_tuning.jobs.list_events(job.id).data[0].level == "error"
+
+
+def test_a_new_adapter_is_routable_as_soon_as_its_job_succeeds(ft_gateway, ft_upstream):
+    client = team_client(ft_gateway, allowed=("*",))
+    f = upload(client)
+    job = client.fine_tuning.jobs.create(model="fake-model", training_file=f.id, suffix="hold")
+    wait_for("job running", lambda: client.fine_tuning.jobs.retrieve(job.id).status == "running")
+    ft_upstream.adapters.append("fresh@1")  # "vLLM loaded it" (the real worker's gate loads it before success)
+    assert "fresh@1" not in [m.id for m in client.models.list()]  # the next health poll is minutes away
+    (ft_gateway.home / "jobs" / job.id / "go").write_text("fresh@1")
+    assert finished(client, job.id).fine_tuned_model == "fresh@1"
+    wait_for("fresh@1 in /v1/models", lambda: "fresh@1" in [m.id for m in client.models.list()], timeout=10)
+
+
+def test_gateway_restart_fails_a_job_whose_worker_died_meanwhile(ft_upstream, tmp_path):
+    config = ft_config(tmp_path, ft_upstream.url)
+    gw = start_gateway_process(config, tmp_path, name="ft-restart")
+    try:
+        client = gw.client(gw.make_key("restart", allowed_models=["fake-model"]), timeout=30)
+        f = upload(client)
+        job = client.fine_tuning.jobs.create(model="fake-model", training_file=f.id, suffix="hold")
+        wait_for("job running", lambda: client.fine_tuning.jobs.retrieve(job.id).status == "running")
+        pid = json.loads((tmp_path / "jobs" / job.id / "worker.json").read_text())["pid"]
+        gw.stop()
+        assert pid_alive(pid)  # detached: a gateway restart does not take running jobs down
+        os.killpg(pid, signal.SIGKILL)
+        wait_for("worker gone", lambda: not pid_alive(pid))
+        gw = start_gateway_process(config, tmp_path, name="ft-restart")
+        client = gw.client(gw.make_key("restart"), timeout=30)
+        done = finished(client, job.id)
+        assert done.status == "failed" and done.error.code == "worker_died"
+        assert "no longer running" in done.error.message
+    finally:
+        gw.stop()

@@ -1,0 +1,87 @@
+"""The adapter registry on disk: publish, list, remove, and refusal of what vLLM cannot serve."""
+
+import json
+import shutil
+
+import pytest
+
+from serving.adapters import AdapterRegistry, servability_problems
+from serving.errors import AdapterNotFound, AdapterRefused
+from serving.store import DEFAULT_MODEL_NAME, ModelStore
+
+
+@pytest.fixture(scope="module")
+def base(sovereign_home):
+    return ModelStore(sovereign_home / "models").get(DEFAULT_MODEL_NAME)
+
+
+@pytest.fixture(scope="module")
+def lora(make_lora):
+    return make_lora(rank=8)
+
+
+def test_publish_writes_manifest_with_base_hash_rank_and_file_digests(tmp_path, base, lora):
+    reg = AdapterRegistry(tmp_path)
+    a = reg.publish(lora, "support", base, max_lora_rank=16)
+    assert a.served_name == "support@v1"
+    on_disk = json.loads((tmp_path / "support" / "v1" / "adapter.json").read_text())
+    assert on_disk["base_manifest_sha256"] == base.canonical_sha256()
+    assert on_disk["rank"] == 8 and "q_proj" in on_disk["target_modules"]
+    assert {f["path"] for f in on_disk["files"]} >= {"adapter_config.json", "adapter_model.safetensors"}
+    assert reg.publish(lora, "support", base).served_name == "support@v2"
+    assert [x.served_name for x in reg.list(DEFAULT_MODEL_NAME)] == ["support@v1", "support@v2"]
+    assert reg.get("support").served_name == "support@v2"
+
+
+def test_remove_one_version_or_all(tmp_path, base, lora):
+    reg = AdapterRegistry(tmp_path)
+    reg.publish(lora, "sales", base)
+    reg.publish(lora, "sales", base)
+    assert reg.remove("sales", "v1") == ["sales@v1"]
+    assert [a.served_name for a in reg.list()] == ["sales@v2"]
+    reg.remove("sales")
+    assert reg.list() == []
+    with pytest.raises(AdapterNotFound):
+        reg.remove("sales")
+
+
+def _variant(src, dst, **changes):
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("changes,reason", [
+    ({"r": 64}, "rank 64 exceeds the serving profile's max_lora_rank 16"),
+    ({"use_dora": True}, "DoRA"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"peft_type": "IA3"}, "not LORA"),
+])
+def test_unservable_adapter_is_refused_at_publish_with_its_reason(tmp_path, base, lora, changes, reason):
+    bad = _variant(lora, tmp_path / "bad", **changes)
+    reg = AdapterRegistry(tmp_path / "reg")
+    with pytest.raises(AdapterRefused, match=reason):
+        reg.publish(bad, "bad", base, max_lora_rank=16)
+    assert reg.list() == []
+
+
+def test_adapter_for_another_base_model_is_refused(tmp_path, base, lora):
+    reg = AdapterRegistry(tmp_path)
+    a = reg.publish(lora, "x", base)
+    other = base.model_copy(update={"name": "Other-Model"})
+    assert any("not 'Other-Model'" in p for p in servability_problems(a.path, a.manifest, other, 16))
+    tweaked = base.model_copy(update={"dtype": "bfloat16"})
+    assert any("different copy" in p for p in servability_problems(a.path, a.manifest, tweaked, 16))
+
+
+def test_folder_without_adapter_config_is_refused(tmp_path, base):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterRefused, match="no adapter_config.json"):
+        AdapterRegistry(tmp_path / "reg").publish(tmp_path / "empty", "e", base)
+
+
+def test_invalid_names_are_refused(tmp_path, base, lora):
+    with pytest.raises(AdapterRefused, match="invalid adapter name"):
+        AdapterRegistry(tmp_path).publish(lora, "../escape", base)

