@@ -116,8 +116,10 @@ class FileStore:
             if checker.rows == 0:
                 raise E.invalid_request(f"{filename} holds no JSON lines; a fine-tuning file needs one example "
                                         f"per line.", param="file", code="invalid_file_format")
-            meta = {"id": file_id, "bytes": size, "created_at": int(time.time()), "filename": filename,
-                    "purpose": purpose, "owner": owner, "sha256": digest.hexdigest(), "rows": checker.rows}
+            now_ns = time.time_ns()  # created_at is whole seconds (OpenAI's shape); the ns break ties when listing
+            meta = {"id": file_id, "bytes": size, "created_at": now_ns // 10**9, "created_ns": now_ns,
+                    "filename": filename, "purpose": purpose, "owner": owner, "sha256": digest.hexdigest(),
+                    "rows": checker.rows}
             with open(tmp / SIDECAR, "w", encoding="utf-8") as f:
                 json.dump(meta, f, indent=2, ensure_ascii=False)
                 f.flush()

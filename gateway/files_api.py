@@ -35,7 +35,7 @@ def build_files_router(store: FileStore, file_in_use: Callable[[str, str], str |
         metas = await asyncio.to_thread(lambda: list(store.iter_owned(entry.team.name)))
         if purpose is not None:
             metas = [m for m in metas if m.get("purpose") == purpose]
-        metas.sort(key=lambda m: (m["created_at"], m["id"]), reverse=order == "desc")
+        metas.sort(key=lambda m: (m["created_at"], m.get("created_ns", 0), m["id"]), reverse=order == "desc")
         return paginate([file_object(m) for m in metas], after, limit)
 
     @router.get("/v1/files/{file_id}")
