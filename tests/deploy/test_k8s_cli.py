@@ -138,6 +138,11 @@ def test_the_gateway_config_loads_with_the_gateway_config_model(rendered, overla
     assert cfg.models, "the gateway routes no model"
     # Secrets stay out of the file: they come from the Secret through the environment.
     assert cfg.database_url is None and cfg.redis_url is None and cfg.bootstrap_key is None
+    # Fine-tune jobs become Kubernetes Jobs from the template the Deployment mounts (the gateway image cannot train).
+    assert cfg.fine_tuning.runner == "kubernetes"
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volume = next(v for v in spec["volumes"] if v["name"] == mounts[str(cfg.fine_tuning.kubernetes.template_dir)])
+    assert volume["configMap"]["name"].startswith("sovereign-finetune-job")
     served = {e["value"] for d in by_kind(objects, "Deployment") if pod_labels(d)["app.kubernetes.io/component"]
               == "serving" for e in d["spec"]["template"]["spec"]["containers"][0]["env"]
               if e["name"] == "SOVEREIGN_MODEL"}
