@@ -40,8 +40,10 @@ from finetune.checkpoints import (ADAPTER, TrainerState, list_checkpoints, load_
                                   save_checkpoint)
 from finetune.config import FinetuneConfig
 from finetune.errors import FinetuneError
+from finetune.fast_dropout import use_fast_lora_dropout
 from finetune.masking import IGNORE_INDEX, ChatEncoder
 from finetune.metrics import MetricsLog, plot_loss_curve
+from finetune.packed_attention import NAME as PACKED_ATTENTION
 from finetune.packing import Batch, Example, collate, packing_is_isolated, plan_epoch, plan_training
 from sovereign.formats import MODEL_MANIFEST, ModelManifest, write_json_atomic
 from sovereign.settings import HomeSettings
@@ -210,7 +212,7 @@ class LoraRecipe:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=self.dtype, local_files_only=True,
-                                                     attn_implementation="sdpa")
+                                                     attn_implementation=PACKED_ATTENTION)
         model.config.use_cache = False
         lora = self.cfg.lora
         targets = linear_module_names(model) if lora.target_modules == "all-linear" else lora.target_modules
@@ -218,6 +220,8 @@ class LoraRecipe:
                                  target_modules=targets, use_dora=False, bias="none", task_type="CAUSAL_LM")
         torch.manual_seed(self.t.seed)  # LoRA A's init
         model = get_peft_model(model, peft_config)
+        if self.device.type == "cpu":
+            use_fast_lora_dropout(model)
         return model.to(self.device)
 
     def _fingerprint(self) -> str:
