@@ -72,6 +72,16 @@ def train(config: FinetuneConfig, prepared_dir: str | Path, out_dir: str | Path,
     return recipe.save()
 
 
+def packed_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Summed cross-entropy over a packed batch's trainable tokens; logits only where the loss looks."""
+    base = model.get_base_model()
+    hidden = base.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                                use_cache=False).last_hidden_state
+    where = batch.targets != IGNORE_INDEX
+    logits = base.get_output_embeddings()(hidden[where])
+    return torch.nn.functional.cross_entropy(logits.float(), batch.targets[where], reduction="sum")
+
+
 def read_conversations(path: Path) -> list[list[dict[str, Any]]]:
     """The `messages` of each line of a prepared OpenAI chat JSONL file."""
     if not path.is_file():
@@ -253,13 +263,7 @@ class LoraRecipe:
     # -- train -------------------------------------------------------------------------------------------------
 
     def forward_loss_sum(self, batch: Batch) -> torch.Tensor:
-        """Summed cross-entropy over the batch's trainable tokens; logits only where the loss looks."""
-        base = self.model.get_base_model()
-        hidden = base.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                                    use_cache=False).last_hidden_state
-        where = batch.targets != IGNORE_INDEX
-        logits = base.get_output_embeddings()(hidden[where])
-        return torch.nn.functional.cross_entropy(logits.float(), batch.targets[where], reduction="sum")
+        return packed_loss_sum(self.model, batch)
 
     def accumulate(self, step: list) -> tuple[float, int, int]:
         """Forward and backward over every micro batch of one optimizer step; returns (loss, targets, tokens).
