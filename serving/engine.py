@@ -77,16 +77,19 @@ class EngineProcess:
             return False
 
     async def stop(self, grace: float = 20) -> None:
-        """SIGTERM the child's process group, SIGKILL it after `grace` seconds."""
-        if not self.alive():
+        """SIGTERM the child's process group, then SIGKILL whatever of the group is left (after `grace` seconds at
+        most). vLLM's engine core and workers share the group: when the API server was killed or crashed, or exits
+        before them, they would otherwise live on as orphans holding the model's memory and the cores."""
+        if self.proc is None:
             return
-        assert self.proc is not None
-        _signal_group(self.proc.pid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(self.proc.wait(), grace)
-        except TimeoutError:
-            _signal_group(self.proc.pid, signal.SIGKILL)
-            await self.proc.wait()
+        if self.alive():
+            _signal_group(self.proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), grace)
+            except TimeoutError:
+                pass
+        _signal_group(self.proc.pid, signal.SIGKILL)
+        await self.proc.wait()
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

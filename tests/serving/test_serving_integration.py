@@ -1,6 +1,7 @@
 """The real vLLM CPU server under `sovereign serve`, driven through the real `openai` SDK."""
 
 import json
+import os
 import shutil
 import time
 
@@ -102,4 +103,14 @@ def test_killed_engine_is_restarted_and_serves_again(live_server):
     wait_for(lambda: live_server.status()["restarts"] == restarts + 1, what="restart")
     after = live_server.wait_ready()
     assert after["pid"] != pid
+    # the killed server's engine core and workers went with it, not left as orphans holding memory and cores
+    wait_for(lambda: not [p for p in psutil.process_iter() if _pgid(p.pid) == pid],
+             what="the old engine's processes gone")
     assert "Paris" in greedy(live_server, live_server.model)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
