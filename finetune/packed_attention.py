@@ -21,22 +21,19 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 NAME = "sovereign_packed_sdpa"
 
-_segments_cache: tuple[tuple[int, tuple[int, ...]], list[list[tuple[int, int]]]] | None = None
-
-
 def segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """Per row, the (start, end) of each run of positions that restarts at 0; cached across the layers of a pass."""
-    global _segments_cache
-    key = (position_ids.data_ptr(), tuple(position_ids.shape))
-    if _segments_cache is not None and _segments_cache[0] == key:
-        return _segments_cache[1]
+    """Per row, the (start, end) of each run of positions that restarts at 0.
+
+    Read from the tensor's content on every call (a few microseconds a layer): a cache keyed on the tensor's address
+    would hand the next step, whose position ids the allocator often puts at the same address, the previous step's
+    boundaries.
+    """
     rows = []
-    for pos in position_ids.tolist():
-        starts = [i for i, p in enumerate(pos) if p == 0] or [0]
-        if starts[0] != 0:
+    for pos in position_ids:
+        starts = (pos == 0).nonzero().flatten().tolist()
+        if not starts or starts[0] != 0:
             starts.insert(0, 0)
-        rows.append(list(zip(starts, starts[1:] + [len(pos)])))
-    _segments_cache = (key, rows)
+        rows.append(list(zip(starts, starts[1:] + [pos.shape[0]])))
     return rows
 
 

@@ -105,3 +105,14 @@ def test_peft_lora_dropouts_are_swapped_and_gradients_still_flow():
     ids, pos = packed_batch()
     model(input_ids=ids, position_ids=pos).logits.mean().backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_segments_follow_the_content_of_position_ids_not_their_address():
+    from finetune.packed_attention import segments
+
+    pos = torch.cat([torch.arange(10), torch.arange(30)])[None]
+    assert segments(pos) == [[(0, 10), (10, 40)]]
+    # the next step's position ids often land at the same address with the same shape
+    pos[0] = torch.cat([torch.arange(25), torch.arange(15)])
+    assert segments(pos) == [[(0, 25), (25, 40)]]
+    assert segments(torch.arange(1, 9)[None]) == [[(0, 8)]]  # no restart at all: one segment
