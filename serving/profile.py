@@ -15,6 +15,8 @@ from pydantic_settings import SettingsConfigDict
 
 from sovereign.settings import YamlSettings, config_path
 
+LORA_OPS_ENV = "SOVEREIGN_CPU_LORA_OPS"  # read by serving/cpu_lora_ops.py inside vLLM's processes
+
 # vLLM accepts only these LoRA ranks (vllm/config/lora.py).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -53,6 +55,8 @@ class ServingProfile(YamlSettings):
     max_loras: int = Field(4, ge=1, le=256)
     max_lora_rank: int = 16
     max_cpu_loras: int | None = Field(None, ge=1)
+    # CPU backend: "grouped" runs multi-LoRA with our plugin's ops (serving/cpu_lora_ops.py), "vllm" with vLLM's own.
+    cpu_lora_ops: Literal["grouped", "vllm"] = "grouped"
 
     extra_args: list[str] = Field(default_factory=list)
     extra_env: dict[str, str] = Field(default_factory=dict)  # further vLLM/OpenMP variables, applied last
@@ -129,6 +133,7 @@ class ServingProfile(YamlSettings):
                 env["VLLM_CPU_OMP_THREADS_BIND"] = self.cpu_threads_bind
             if self.cpu_reserved_cpus is not None:
                 env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(self.cpu_reserved_cpus)
+            env[LORA_OPS_ENV] = self.cpu_lora_ops
         env.update(self.extra_env)
         return env
 
