@@ -96,6 +96,39 @@ def test_no_platform_process_talks_to_anything_but_loopback(live_server):
     assert remote and remote <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, remote
 
 
+def test_base_requests_batched_with_adapter_requests_get_no_adapter(live_server, make_lora):
+    """Every LoRA slot filled, then a base request decoded in the same batches as adapter requests: it must answer
+    exactly as when batched with other base requests (vLLM's CPU ops gave it the last slot's adapter)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = ModelStore(live_server.home / "models").get(live_server.model)
+    registry = AdapterRegistry(live_server.home / "adapters")
+    names = [f"slot{i}" for i in range(4)]  # the cpu profile's max_loras
+    served = [registry.publish(make_lora(rank=8, seed=10 + i), name, base, max_lora_rank=16).served_name
+              for i, name in enumerate(names)]
+    try:
+        wait_for(lambda: set(served) <= served_models(live_server), what="four adapters in /v1/models")
+        for name in served:  # each takes a slot on the engine
+            greedy(live_server, name, max_tokens=2)
+        others = [[{"role": "user", "content": f"Write a short note about order {n}."}] for n in range(4)]
+
+        def together(models: list[str]) -> str:
+            with ThreadPoolExecutor(5) as pool:
+                target = pool.submit(greedy, live_server, live_server.model, QUESTION, 32)
+                for model, messages in zip(models, others):
+                    pool.submit(greedy, live_server, model, messages, 48)
+                return target.result()
+
+        with_base = together([live_server.model] * 4)
+        with_adapters = together(served)
+        assert "Paris" in with_base
+        assert with_adapters == with_base
+    finally:
+        for name in names:
+            registry.remove(name)
+        wait_for(lambda: not set(served) & served_models(live_server), what="adapters gone")
+
+
 def test_killed_engine_is_restarted_and_serves_again(live_server):
     status = live_server.status()
     restarts, pid = status["restarts"], status["pid"]
