@@ -6,6 +6,7 @@ refused here, naming the file and the field, before vLLM is started.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Literal
@@ -16,6 +17,7 @@ from pydantic_settings import SettingsConfigDict
 from sovereign.settings import YamlSettings, config_path
 
 LORA_OPS_ENV = "SOVEREIGN_CPU_LORA_OPS"  # read by serving/cpu_lora_ops.py inside vLLM's processes
+NORM_PROVIDER = "sovereign_cpu"  # the IR-op provider serving/cpu_norm_ops.py registers
 
 # vLLM accepts only these LoRA ranks (vllm/config/lora.py).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -57,6 +59,8 @@ class ServingProfile(YamlSettings):
     max_cpu_loras: int | None = Field(None, ge=1)
     # CPU backend: "grouped" runs multi-LoRA with our plugin's ops (serving/cpu_lora_ops.py), "vllm" with vLLM's own.
     cpu_lora_ops: Literal["grouped", "vllm"] = "grouped"
+    # CPU backend: "kernel" runs RMSNorm with vLLM's C++ CPU kernels (serving/cpu_norm_ops.py), "native" as torch ops.
+    cpu_rms_norm: Literal["kernel", "native"] = "kernel"
 
     extra_args: list[str] = Field(default_factory=list)
     extra_env: dict[str, str] = Field(default_factory=dict)  # further vLLM/OpenMP variables, applied last
@@ -116,6 +120,10 @@ class ServingProfile(YamlSettings):
             args += ["--stream-interval", str(self.stream_interval)]
         if self.gpu_memory_utilization is not None:
             args += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
+        if self.device == "cpu" and self.cpu_rms_norm == "kernel":
+            first = [NORM_PROVIDER]  # vLLM appends its own native implementation behind it
+            args += ["--kernel-config", json.dumps({"ir_op_priority": {"rms_norm": first,
+                                                                       "fused_add_rms_norm": first}})]
         if self.enable_lora:
             args += ["--enable-lora", "--max-loras", str(self.max_loras), "--max-lora-rank", str(self.max_lora_rank)]
             if self.max_cpu_loras is not None:
