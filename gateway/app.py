@@ -51,7 +51,7 @@ class GatewayApp:
         self.admin = build_admin_app(self.accounts, self.directory, self.status)
         self.fine_tuning = FineTuning(config, self.directory, lambda: list(self.router.pools),
                                       on_succeeded=self._discover_adapter)
-        self.proxy.owns = self.fine_tuning.owns  # a team may call the adapters its own jobs made
+        self.proxy.owner = self.fine_tuning.owner  # adapters made by fine-tune jobs belong to their team
         self.quotas: Any = None
         self.audit: Any = None
 

@@ -46,6 +46,10 @@ class TeamPolicy:
                 self._allowed_cache[model] = hit
         return hit
 
+    def names(self, model: str) -> bool:
+        """Allowed by a pattern other than the catch-all `*`: how a team is granted another team's adapter."""
+        return any(pattern != "*" and fnmatchcase(model, pattern) for pattern in self.allowed_models)
+
     def summary(self) -> dict[str, Any]:
         return {"pii": self.pii, "injection": self.injection, "audit_content": self.audit_content,
                 "max_tokens": self.max_tokens}

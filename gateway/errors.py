@@ -42,10 +42,14 @@ def invalid_api_key(message: str = "Incorrect or missing API key. Send `Authoriz
     return GatewayError(401, message, code="invalid_api_key")
 
 
-def model_not_allowed(model: str, team: str) -> GatewayError:
-    return GatewayError(403, f"The model `{model}` is not allowed for team `{team}`; ask an admin to add it to the "
-                             f"team's allowed models.", type="permission_error", code="model_not_allowed",
-                        param="model")
+def model_not_allowed(model: str, team: str, owner: str | None = None) -> GatewayError:
+    if owner is not None:
+        message = (f"The model `{model}` is a fine-tuned adapter of team `{owner}`; team `{team}` may call it only once "
+                   f"an admin names it in the team's allowed models (the catch-all `*` does not cover it).")
+    else:
+        message = (f"The model `{model}` is not allowed for team `{team}`; ask an admin to add it to the team's allowed "
+                   f"models.")
+    return GatewayError(403, message, type="permission_error", code="model_not_allowed", param="model")
 
 
 def model_not_found(model: str) -> GatewayError:

@@ -1,9 +1,10 @@
 """Fine-tuning through the gateway: the /v1/files and /v1/fine_tuning FastAPI app, the file and job stores, and the
 job runner (local processes or Kubernetes Jobs). `GatewayApp` mounts it and starts the runner with the gateway.
 
-A succeeded job's adapter belongs to the team that created it (`owns`), so the proxy lets that team call it even when
-its allowed_models patterns name only base models; the replicas' /v1/models is probed again at once, so the new
-adapter is routable as soon as the job reports success.
+A succeeded job's adapter belongs to the team that created it (`owner`): the proxy lets that team call it even when
+its allowed_models patterns name only base models, and other teams only when their patterns name it (the catch-all
+`*` does not: an adapter can give away what its training data held). The replicas' /v1/models is probed again at
+once, so the new adapter is routable as soon as the job reports success.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ class FineTuning:
         self.runner = JobRunner(ft, self.jobs, launcher, on_succeeded=on_succeeded)
         self.app = self._build_app(directory, base_models, ft.runner, ft.preset, ft.max_file_bytes)
 
-    def owns(self, team: str, model: str) -> bool:
-        return self.runner.owns(team, model)
+    def owner(self, model: str) -> str | None:
+        """The team whose fine-tune job made `model`, None for anything else."""
+        return self.runner.owners.get(model)
 
     async def start(self) -> None:
         self.jobs.root.mkdir(parents=True, exist_ok=True)

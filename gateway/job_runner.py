@@ -140,10 +140,6 @@ class JobRunner:
         self._wake = asyncio.Event()
         self.lock = asyncio.Lock()  # one scan or cancel at a time
 
-    # ownership, for the gateway's model policy ----------------------------------------------------------------
-    def owns(self, team: str, model: str) -> bool:
-        return self.owners.get(model) == team
-
     # lifecycle -------------------------------------------------------------------------------------------------
     async def start(self) -> None:
         await self.tick()

@@ -158,8 +158,8 @@ class Proxy:
         self.pools = {url: Pool(url, connect_timeout=config.timeouts.connect)  # the hot path
                       for url in router.replicas}
         self.inflight = 0
-        # (team, model) -> True for adapters the team's own fine-tune jobs made (gateway.fine_tuning sets it).
-        self.owns: Any = None
+        # model -> the team whose fine-tune job made it, None otherwise (gateway.fine_tuning sets it).
+        self.owner: Any = None
         t = config.timeouts
         self._ttft, self._stall, self._total = t.ttft, t.stall, t.total
 
@@ -252,7 +252,7 @@ class Proxy:
                 raise E.model_not_found(model)
         ex.base, ex.adapter, candidates = route
         if not self._allows(entry.team, model):
-            raise E.model_not_allowed(model, entry.team.name)
+            raise E.model_not_allowed(model, entry.team.name, self.owner(model) if self.owner is not None else None)
         outcome: PolicyOutcome = apply_policy(entry.team, body, ex.kind)
         ex.decisions = outcome.decisions
         self._count_policy(entry.team.name, outcome.decisions)
@@ -298,7 +298,10 @@ class Proxy:
                     log.warning("quota settle failed", extra={"error": exc.message})
 
     def _allows(self, team: Any, model: str) -> bool:
-        return team.allows(model) or (self.owns is not None and self.owns(team.name, model))
+        owner = self.owner(model) if self.owner is not None else None
+        if owner is None:
+            return team.allows(model)
+        return owner == team.name or team.names(model)
 
     async def _read_body(self, scope: dict, receive) -> bytes:
         limit = self.config.max_body_bytes

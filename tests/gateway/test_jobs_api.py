@@ -265,6 +265,15 @@ def test_job_runs_to_succeeded_and_its_adapter_is_callable_by_its_team_only(ft_g
     assert "support@1" in [m.id for m in client.models.list()]
     with pytest.raises(openai.PermissionDeniedError):
         outsider.chat.completions.create(model="support@1", messages=[{"role": "user", "content": "hi"}])
+    # A catch-all policy does not reach another team's adapter (it may give away its training data); naming it does.
+    everything = team_client(ft_gateway, allowed=("*",))
+    with pytest.raises(openai.PermissionDeniedError) as exc:
+        everything.chat.completions.create(model="support@1", messages=[{"role": "user", "content": "hi"}])
+    assert exc.value.code == "model_not_allowed" and "fine-tuned adapter of team" in exc.value.message
+    listed_ids = [m.id for m in everything.models.list()]
+    assert "fake-model" in listed_ids and "support@1" not in listed_ids
+    granted = team_client(ft_gateway, allowed=("fake-model", "support@*"))
+    assert granted.chat.completions.create(model="support@1", messages=[{"role": "user", "content": "hi"}]).choices
     assert client.files.delete(f.id).deleted  # finished: the data may go
 
 
