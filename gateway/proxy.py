@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -158,8 +159,8 @@ class Proxy:
         self.pools = {url: Pool(url, connect_timeout=config.timeouts.connect)  # the hot path
                       for url in router.replicas}
         self.inflight = 0
-        # model -> the team whose fine-tune job made it, None otherwise (gateway.fine_tuning sets it).
-        self.owner: Any = None
+        # model -> the team whose fine-tune job made it, None otherwise (gateway.fine_tuning replaces it).
+        self.owner: Callable[[str], str | None] = lambda model: None
         t = config.timeouts
         self._ttft, self._stall, self._total = t.ttft, t.stall, t.total
 
@@ -252,7 +253,7 @@ class Proxy:
                 raise E.model_not_found(model)
         ex.base, ex.adapter, candidates = route
         if not self._allows(entry.team, model):
-            raise E.model_not_allowed(model, entry.team.name, self.owner(model) if self.owner is not None else None)
+            raise E.model_not_allowed(model, entry.team.name, self.owner(model))
         outcome: PolicyOutcome = apply_policy(entry.team, body, ex.kind)
         ex.decisions = outcome.decisions
         self._count_policy(entry.team.name, outcome.decisions)
@@ -298,7 +299,7 @@ class Proxy:
                     log.warning("quota settle failed", extra={"error": exc.message})
 
     def _allows(self, team: Any, model: str) -> bool:
-        owner = self.owner(model) if self.owner is not None else None
+        owner = self.owner(model)
         if owner is None:
             return team.allows(model)
         return owner == team.name or team.names(model)
