@@ -116,3 +116,46 @@ def test_the_profile_picks_the_ops_and_vllm_keeps_its_own_when_told(monkeypatch)
     monkeypatch.setenv(LORA_OPS_ENV, "vllm")
     ours.register()
     assert all(getattr(punica_cpu, name) is op for name, op in originals.items())
+
+
+def test_groups_follow_the_indices_contents_not_the_tensor_they_live_in():
+    """vLLM rewrites its index buffers in place every step: groups kept for the old contents must not come back."""
+    idx = torch.tensor([0, -1, 1, 0])
+    assert [(s, r.tolist()) for s, r in ours._groups(idx)] == [(0, [0, 3]), (1, [2])]
+    idx.copy_(torch.tensor([-1, -1, -1, -1]))
+    assert ours._groups(idx) == []
+    idx.copy_(torch.tensor([1, 1, 1, 1]))
+    assert ours._groups(idx) == [(1, None)]
+    assert ours._groups(torch.tensor([0, -1, 1, 0], dtype=torch.int32))[0][1].tolist() == [0, 3]
+
+
+def _wrapper_for(lora_ids: tuple[int, ...]):
+    """vLLM's CPU punica wrapper with one step's metadata: token i uses LoRA id lora_ids[i] (0 = none)."""
+    from vllm.lora.layers.utils import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    wrapper = PunicaWrapperCPU(64, 4, "cpu")
+    wrapper.update_metadata(LoRAMapping(lora_ids, lora_ids, is_prefill=False), [7, 8, None, None], SLOTS, 1000)
+    return wrapper
+
+
+def test_a_step_without_adapters_skips_the_lora_linear_and_one_with_them_applies_each_rows_adapter():
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    ours.register()
+    assert hasattr(PunicaWrapperCPU.add_lora_linear, "__sovereign_wrapped__")
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, HIDDEN, generator=gen)
+    a, b = _weights(gen, RANK, HIDDEN), _weights(gen, OUT, RANK)
+    y0 = torch.randn(3, OUT, generator=gen)
+
+    y = y0.clone()
+    _wrapper_for((0, 0, 0)).add_lora_linear(y, x, (a,), (b,), 0.5, (OUT,))
+    torch.testing.assert_close(y, y0)
+
+    y = y0.clone()
+    _wrapper_for((8, 0, 7)).add_lora_linear(y, x, (a,), (b,), 0.5, (OUT,))
+    expected = y0.clone()
+    for row, slot in ((0, 1), (2, 0)):
+        expected[row] += 0.5 * (b[slot, 0] @ (a[slot, 0] @ x[row]))
+    torch.testing.assert_close(y, expected)
