@@ -47,13 +47,20 @@ def _token_counter(model_dir: Path):
 
 def _make(kind: str, home: Path, profile: str, overrides: dict[str, str], llama_threads: Optional[int],
           logs: Path, rnd: int) -> Server:
-    if kind != PEER:
+    if not _is_peer(kind):
         return VllmServer(kind, DEFAULT_MODEL_NAME, logs / f"{kind.replace(':', '-')}-supervisor-{rnd}.log", home=home,
                           profile=profile, overrides=overrides)
-    server = LlamaCppServer("llamacpp", DEFAULT_MODEL_NAME, logs / f"llamacpp-{rnd}.log")
-    if llama_threads:
-        server.n_threads = llama_threads
+    server = LlamaCppServer(kind, DEFAULT_MODEL_NAME, logs / f"{kind.replace(':', '-')}-{rnd}.log")
+    threads = kind.partition(":")[2]
+    if threads or llama_threads:
+        server.n_threads = int(threads) if threads else llama_threads
     return server
+
+
+def _is_peer(kind: str) -> bool:
+    """llamacpp (its default threads or --llama-threads) or llamacpp:N (N threads)."""
+    name, _, threads = kind.partition(":")
+    return name == PEER and (not threads or threads.isdigit())
 
 
 def _median(xs: list[float | None]) -> float | None:
@@ -71,7 +78,8 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 @app.command()
 def main(
-    servers: Annotated[str, typer.Option(help="Comma list, measured in this order each round.")] = "vllm,llamacpp",
+    servers: Annotated[str, typer.Option(help="Comma list, measured in this order each round: vllm, vllm:VARIANT, "
+                                   "llamacpp, llamacpp:THREADS.")] = "vllm,llamacpp",
     concurrency: Annotated[str, typer.Option(help="Comma list of concurrency levels.")] = "1,4,16",
     requests: Annotated[int, typer.Option(help="Requests per level: max(this, 2*concurrency).")] = 8,
     max_tokens: Annotated[int, typer.Option(help="max_tokens of every request (greedy).")] = 128,
@@ -95,8 +103,9 @@ def main(
     for v in variant or []:
         name, _, pairs = v.partition(":")
         variants[f"vllm:{name}"] = {**overrides, **_pairs(pairs.split(";"), "--variant")}
-    if bad := [k for k in kinds if k not in variants and k != PEER]:
-        raise typer.BadParameter(f"unknown server {bad}; choose from {[*variants, PEER]}", param_hint="--servers")
+    if bad := [k for k in kinds if k not in variants and not _is_peer(k)]:
+        raise typer.BadParameter(f"unknown server {bad}; choose from {[*variants, PEER, PEER + ':N']}",
+                                 param_hint="--servers")
     levels = [int(c) for c in concurrency.split(",")]
     model_dir = ensure_default_model(home)
     count = _token_counter(model_dir)
@@ -177,7 +186,8 @@ def _summarise(runs: list[dict], kinds: list[str], levels: list[int]) -> dict:
 
 
 def _print(summary: dict, kinds: list[str], levels: list[int], label: str) -> None:
-    """One row per server and concurrency; ratios against llama.cpp at the same concurrency."""
+    """One row per server and concurrency; ratios against the first llama.cpp listed, at the same concurrency."""
+    peer_kind = next((k for k in kinds if _is_peer(k)), PEER)
     table = Table(title=f"serving benchmark: {label} (medians over rounds)")
     for col in ("server", "c", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "tok/s vs llama.cpp", "TTFT p50 vs llama.cpp",
                 "errors", "load avg"):
@@ -185,8 +195,8 @@ def _print(summary: dict, kinds: list[str], levels: list[int], label: str) -> No
     for kind in kinds:
         for c in levels:
             s = summary.get(f"{kind}@{c}", _EMPTY)
-            peer = summary.get(f"{PEER}@{c}", _EMPTY)
-            mine = kind != PEER
+            peer = summary.get(f"{peer_kind}@{c}", _EMPTY)
+            mine = not _is_peer(kind)
             table.add_row(kind, str(c), _fmt(s["tokens_per_s"]), _fmt(s["ttft_p50_ms"], 0), _fmt(s["ttft_p99_ms"], 0),
                           _ratio(s["tokens_per_s"], peer["tokens_per_s"]) if mine else "",
                           _ratio(s["ttft_p50_ms"], peer["ttft_p50_ms"]) if mine else "", str(s.get("errors", "-")),
