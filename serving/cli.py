@@ -171,7 +171,8 @@ def adapters_remove(ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSIO
 
 def serve(
     model: Annotated[str, typer.Option(help="Model name in the store.")] = "SmolLM2-135M-Instruct",
-    profile: Annotated[str, typer.Option(help="cpu, gpu, or a profile YAML path.")] = "cpu",
+    profile: Annotated[str, typer.Option(help="A profile of configs/serving (cpu, cpu-dedicated, cpu-nolora, gpu) "
+                                         "or a YAML path.")] = "cpu",
     host: Annotated[Optional[str], typer.Option(help="Overrides the profile's host.")] = None,
     port: Annotated[Optional[int], typer.Option(help="vLLM's port (overrides the profile).")] = None,
     health_port: Annotated[Optional[int], typer.Option(help="The supervisor's health port.")] = None,

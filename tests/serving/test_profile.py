@@ -106,3 +106,11 @@ def test_cpu_nolora_profile_is_the_cpu_profile_without_lora():
     assert fast.vllm_env()["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "false"
     lora = {"name", "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras"}
     assert fast.model_dump(exclude=lora) == cpu.model_dump(exclude=lora)
+
+
+def test_cpu_dedicated_profile_is_the_cpu_profile_with_every_core_for_the_model():
+    cpu, dedicated = ServingProfile.named("cpu"), ServingProfile.named("cpu-dedicated")
+    assert dedicated.vllm_env()["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in cpu.vllm_env()
+    assert dedicated.model_dump(exclude={"name", "cpu_reserved_cpus"}) == cpu.model_dump(exclude={"name",
+                                                                                                "cpu_reserved_cpus"})
