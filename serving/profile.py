@@ -17,6 +17,7 @@ from pydantic_settings import SettingsConfigDict
 from sovereign.settings import YamlSettings, config_path
 
 LORA_OPS_ENV = "SOVEREIGN_CPU_LORA_OPS"  # read by serving/cpu_lora_ops.py inside vLLM's processes
+LINEAR_WEIGHTS_ENV = "SOVEREIGN_CPU_LINEAR_WEIGHTS"  # read by serving/cpu_linear_ops.py inside vLLM's processes
 NORM_PROVIDER = "sovereign_cpu"  # the IR-op provider serving/cpu_norm_ops.py registers
 
 # vLLM accepts only these LoRA ranks (vllm/config/lora.py).
@@ -61,6 +62,9 @@ class ServingProfile(YamlSettings):
     cpu_lora_ops: Literal["grouped", "vllm"] = "grouped"
     # CPU backend: "kernel" runs RMSNorm with vLLM's C++ CPU kernels (serving/cpu_norm_ops.py), "native" as torch ops.
     cpu_rms_norm: Literal["kernel", "native"] = "kernel"
+    # CPU backend, float32 models: "float16" keeps the linear layers' weights as float16 and computes with PyTorch's
+    # fbgemm kernels (serving/cpu_linear_ops.py: half the bytes read per step), "float32" leaves them to vLLM.
+    cpu_linear_weights: Literal["float16", "float32"] = "float16"
 
     extra_args: list[str] = Field(default_factory=list)
     extra_env: dict[str, str] = Field(default_factory=dict)  # further vLLM/OpenMP variables, applied last
@@ -142,6 +146,7 @@ class ServingProfile(YamlSettings):
             if self.cpu_reserved_cpus is not None:
                 env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(self.cpu_reserved_cpus)
             env[LORA_OPS_ENV] = self.cpu_lora_ops
+            env[LINEAR_WEIGHTS_ENV] = self.cpu_linear_weights
         env.update(self.extra_env)
         return env
 

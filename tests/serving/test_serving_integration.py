@@ -88,6 +88,13 @@ def test_unservable_adapter_is_refused_with_reason_and_server_keeps_serving(live
     wait_for(lambda: "dora@v1" not in live_server.status()["adapters_refused"], what="refusal cleared")
 
 
+def test_the_cpu_profiles_vllm_plugins_run_inside_the_engine(live_server):
+    """The answers above came from vLLM with our plugins in its worker: float16 linear weights and grouped LoRA ops."""
+    log = "\n".join(p.read_text(errors="replace") for p in live_server.home.glob("run/serve-*/vllm.log"))
+    assert "linear layers run with float16 weights (fbgemm)" in log
+    assert "grouped multi-LoRA ops installed" in log
+
+
 def test_no_platform_process_talks_to_anything_but_loopback(live_server):
     greedy(live_server, live_server.model)
     procs = [psutil.Process(live_server.proc.pid)]
