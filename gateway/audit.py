@@ -9,6 +9,10 @@ take the head row `FOR UPDATE`, SQLite takes its write lock with `BEGIN IMMEDIAT
 Group commit: `append` hands the record to one background writer thread per log and waits; the writer takes
 everything queued, writes it in one transaction (one fsync: SQLite in WAL with synchronous=FULL, PostgreSQL's commit)
 and only then wakes the appenders. Concurrent requests share a commit instead of queueing behind one each.
+A caller that is alone (`append(record, alone=True)`: the gateway with one request in flight) commits on its own
+thread instead when the log is SQLite and the writer is idle: there is nothing to group, and waking the writer thread
+and then the event loop again cost more than the commit itself (measured on the 2-core box: p50 223 vs 104 µs with
+synchronous=NORMAL, 449 vs 269 µs with FULL). It never waits for another process's write lock there; it queues.
 
 The chain proves integrity relative to the head; someone who can rewrite the whole table and the head can forge a new
 chain, which is why `export` exists: ship the JSONL (with hashes) elsewhere and an old head hash pins history.
@@ -20,6 +24,7 @@ import asyncio
 import hashlib
 import json
 import queue
+import sqlite3
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
@@ -32,6 +37,7 @@ import sqlalchemy as sa
 from sovereign.errors import SovereignError
 
 GENESIS = "0" * 64
+BUSY_TIMEOUT_MS = 60_000  # how long a SQLite writer waits for another process's write lock
 _MAX_BATCH = 512
 
 
@@ -64,7 +70,9 @@ _FIELDS = [f.name for f in fields(AuditRecord)]
 metadata = sa.MetaData()
 audit_log = sa.Table(
     "audit_log", metadata,
-    sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
+    # INTEGER PRIMARY KEY on SQLite is the rowid itself: one B-tree fewer to write per record than BIGINT (64-bit
+    # either way).
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=False),
     sa.Column("ts", sa.Double, nullable=False),
     sa.Column("request_id", sa.String(128), nullable=False),
     sa.Column("key_id", sa.String(128)),
@@ -148,7 +156,7 @@ def make_engine(db_url: str, *, writer: bool = True) -> sa.Engine:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA synchronous={synchronous}")
-            cur.execute("PRAGMA busy_timeout=60000")
+            cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             cur.close()
 
         @sa.event.listens_for(engine, "begin")
@@ -184,15 +192,39 @@ class AuditLog:
         self._engine = engine
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._closed = False
+        self._sink = _ChainSink(engine)
+        self._commit_lock = threading.Lock()  # the sink's one connection: one commit at a time
+        # A SQLite commit is a local write with a bounded wait; a PostgreSQL one waits on the network, which must not
+        # stall the event loop.
+        self._inline = engine.dialect.name == "sqlite"
         self._thread = threading.Thread(target=self._writer, name="audit-writer", daemon=True)
         self._thread.start()
         self.batches = 0  # commits made; appended / batches is the group-commit factor
         self.appended = 0
+        self.inline_commits = 0
 
-    async def append(self, record: AuditRecord) -> int:
-        """Queue `record` and wait until its transaction has committed; returns its id in the chain."""
+    async def append(self, record: AuditRecord, *, alone: bool = False) -> int:
+        """Commit `record` and return its id in the chain once the transaction has committed.
+
+        `alone`: the caller has no concurrent appends to share a commit with, so a SQLite log commits at once on the
+        caller's thread when the writer is idle and no other process holds the write lock; otherwise it queues.
+        """
         if self._closed:
             raise AuditError("the audit log is closed")
+        if alone and self._inline and self._queue.empty() and self._commit_lock.acquire(blocking=False):
+            try:
+                ids = self._sink.commit([record], wait=False)
+            except _WriteLockBusy:
+                pass  # another process is writing: the writer thread waits for it instead of this event loop
+            except Exception as exc:
+                raise AuditError(f"audit write failed: {exc}") from None
+            else:
+                self.batches += 1
+                self.appended += 1
+                self.inline_commits += 1
+                return ids[0]
+            finally:
+                self._commit_lock.release()
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._queue.put(_Pending(record, loop, fut))
@@ -208,7 +240,7 @@ class AuditLog:
         self._engine.dispose()
 
     def _writer(self) -> None:
-        sink = _ChainSink(self._engine)
+        sink = self._sink
         stop = False
         while not stop:
             item = self._queue.get()
@@ -229,15 +261,21 @@ class AuditLog:
             if not batch:
                 continue
             try:
-                ids = sink.commit([p.row for p in batch])
+                with self._commit_lock:
+                    ids = sink.commit([p.row for p in batch])
+                    self.batches += 1
+                    self.appended += len(batch)
             except Exception as exc:  # the appenders learn it; the request then fails instead of going unaudited
                 err = AuditError(f"audit write failed: {exc}")
                 _resolve_all(batch, [None] * len(batch), err)
                 continue
-            self.batches += 1
-            self.appended += len(batch)
             _resolve_all(batch, ids, None)
-        sink.close()
+        with self._commit_lock:
+            sink.close()
+
+
+class _WriteLockBusy(Exception):
+    """Another connection holds SQLite's write lock and the caller chose not to wait for it."""
 
 
 class _ChainSink:
@@ -258,14 +296,19 @@ class _ChainSink:
         self._update = f"UPDATE audit_head SET last_id = {ph}, last_hash = {ph} WHERE id = 1"
         self._conn: Any = None
 
-    def commit(self, records: list[AuditRecord]) -> list[int]:
+    def commit(self, records: list[AuditRecord], *, wait: bool = True) -> list[int]:
+        """Append `records` in one transaction. `wait=False` (SQLite): raise _WriteLockBusy at once, with nothing
+        written, when another connection holds the write lock, instead of waiting up to the busy timeout."""
         if self._conn is None:
             self._conn = self._engine.raw_connection()
         conn = self._conn
         try:
             cur = conn.cursor()
             if not self._pg:
-                cur.execute("BEGIN IMMEDIATE")  # the write lock first: no other process can extend this head now
+                if wait:
+                    cur.execute("BEGIN IMMEDIATE")  # the write lock first: no other process can extend this head now
+                else:
+                    self._begin_now(cur)
             cur.execute(self._head)
             last_id, last_hash = cur.fetchone()
             first = last_id + 1
@@ -280,10 +323,24 @@ class _ChainSink:
             cur.execute(self._update, (last_id, last_hash))
             cur.close()
             conn.commit()
+        except _WriteLockBusy:
+            raise  # nothing began: the connection is fine
         except Exception:
             self._discard()
             raise
         return list(range(first, last_id + 1))
+
+    @staticmethod
+    def _begin_now(cur: Any) -> None:
+        cur.execute("PRAGMA busy_timeout=0")
+        try:
+            cur.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise
+            raise _WriteLockBusy() from None
+        finally:
+            cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
     def _discard(self) -> None:
         """Roll back and drop the connection: the next batch starts on a fresh one (a restarted database, say)."""

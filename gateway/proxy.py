@@ -546,7 +546,7 @@ class Proxy:
                              prompt=_keep(mode, ex.prompt_text), completion=_keep(mode, completion))
         t = time.perf_counter()
         try:
-            await self.audit.append(record)
+            await self.audit.append(record, alone=self.inflight <= 1)
         except Exception as exc:
             log.error("audit append failed", extra={"request_id": ex.rid, "error": repr(exc)})
             raise E.GatewayError(503, "The audit trail could not be written, so the answer is withheld; retry "

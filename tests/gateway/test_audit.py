@@ -64,6 +64,56 @@ def test_concurrent_appends_share_commits_and_the_chain_verifies(db_url):
     assert result.ok and result.count == 300 and result.first_bad_id is None, result
 
 
+def test_appends_alone_commit_in_place_and_share_one_chain_with_queued_ones(db_url):
+    async def go():
+        log = open_audit_log(db_url)
+        ids = [await log.append(rec(i), alone=True) for i in range(20)]
+        ids += await asyncio.gather(*(log.append(rec(i)) for i in range(20, 120)))
+        ids += [await log.append(rec(i), alone=True) for i in range(120, 130)]
+        inline = log.inline_commits
+        await log.close()
+        return ids, inline
+
+    ids, inline = asyncio.run(go())
+    assert sorted(ids) == list(range(1, 131))
+    # SQLite commits a lone append on the caller's thread; PostgreSQL always leaves it to the writer thread.
+    assert inline == (30 if db_url.startswith("sqlite") else 0)
+    result = verify(db_url)
+    assert result.ok and result.count == 130, result
+
+
+def test_an_append_alone_does_not_block_the_event_loop_on_another_processs_write_lock(sqlite_url):  # noqa: F811
+    import sqlite3
+
+    path = sqlite_url.removeprefix("sqlite:///")
+
+    async def go():
+        log = open_audit_log(sqlite_url)
+        await log.append(rec(0), alone=True)
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the lock for 0.5 s
+        loop = asyncio.get_running_loop()
+        released = loop.create_future()
+
+        def release():
+            other.execute("COMMIT")
+            other.close()
+            released.set_result(loop.time())
+
+        loop.call_later(0.5, release)  # runs only if the event loop is not stuck inside the append
+        t0 = loop.time()
+        rid = await asyncio.wait_for(log.append(rec(1), alone=True), timeout=30)
+        waited = loop.time() - t0
+        inline = log.inline_commits
+        await log.close()
+        return rid, waited, inline, released.result() - t0
+
+    rid, waited, inline, released_after = asyncio.run(go())
+    assert rid == 2 and inline == 1  # the second append queued for the writer thread instead
+    assert released_after >= 0.45 and waited >= released_after - 0.05
+    assert verify(sqlite_url).ok
+
+
 def test_reopening_continues_the_chain(db_url):
     append_many(db_url, 5)
     append_many(db_url, 5)
