@@ -31,10 +31,20 @@ _PATTERNS: list[tuple[str, re.Pattern[str]]] = [
 
 # One pass over the text for the common case (nothing suspicious); the named patterns run only after a hit.
 _ANY = re.compile("|".join(f"(?:{p.pattern})" for _, p in _PATTERNS), re.I)
+# Every pattern above needs one of these words, and looking for plain words in the case-folded text is several times
+# cheaper than _ANY on a prompt that has none (the usual case; measured 19 -> 3 µs on a 60-character prompt; a regex
+# alternation of the words is as slow as _ANY). Keep this list in step with the patterns.
+_TRIGGERS = ("ignore", "disregard", "forget", "override", "bypass", "reveal", "show", "print", "repeat", "output", "leak",
+             "tell me", "you are now", "from now on", "act as", "developer mode", "do anything now", "dan", "jailbreak",
+             "system", "assistant", "inst]", "忽略", "无视", "忘记", "忘掉", "跳过", "泄露", "显示", "输出", "告诉我", "打印", "重复",
+             "你现在是", "从现在开始你", "扮演", "开发者模式", "越狱")
 
 
 def detect_injection(text: str) -> list[str]:
     """Names of the heuristics that fire on `text` (empty: nothing suspicious)."""
-    if not text or _ANY.search(text) is None:
+    if not text:
+        return []
+    folded = text.casefold()
+    if not any(word in folded for word in _TRIGGERS) or _ANY.search(text) is None:
         return []
     return [name for name, pattern in _PATTERNS if pattern.search(text)]
