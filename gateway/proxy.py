@@ -405,6 +405,8 @@ class Proxy:
 
     async def _read_all(self, resp: Response) -> bytes:
         try:
+            if resp.complete:  # the body came with the headers (the usual JSON answer): nothing to wait for or bound
+                return await resp.read()
             async with asyncio.timeout(self._stall):
                 return await resp.read()
         except TimeoutError:
@@ -453,8 +455,11 @@ class Proxy:
         try:
             while True:
                 try:
-                    async with asyncio.timeout(self._stall if ex.ttft is not None else self._ttft):
+                    if resp.ready():  # already buffered: a timer per read costs more than the read
                         data = await resp.readany()
+                    else:
+                        async with asyncio.timeout(self._stall if ex.ttft is not None else self._ttft):
+                            data = await resp.readany()
                 except TimeoutError:
                     what = "stall" if ex.ttft is not None else "ttft"
                     self.metrics.upstream_errors.labels(ex.replica, f"{what}_timeout").inc()
@@ -477,8 +482,9 @@ class Proxy:
                     break
                 buf = buf + data if buf else data
                 out = []
-                while (cut := buf.find(b"\n\n")) >= 0:
-                    event, buf = buf[:cut + 2], buf[cut + 2:]
+                start = 0
+                while (cut := buf.find(b"\n\n", start)) >= 0:  # by index: no copy of the rest per event
+                    event, start = buf[start:cut + 2], cut + 2
                     if event.startswith(b"data: [DONE]"):
                         saw_done = True
                         continue
@@ -495,6 +501,8 @@ class Proxy:
                     if parts is not None:
                         _collect_text(event, parts)
                     out.append(event)
+                if start:
+                    buf = buf[start:]
                 if out:
                     await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
                 if gone.is_set():

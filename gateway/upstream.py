@@ -143,6 +143,10 @@ class Response:
         while self.status == 0:
             await self._wait()
 
+    def ready(self) -> bool:
+        """Whether `readany` (and `read`, once complete) would return without waiting."""
+        return bool(self._chunks) or self.complete or self._exc is not None
+
     async def readany(self) -> bytes:
         """The next piece of body; b"" once the body is complete."""
         while not self._chunks:

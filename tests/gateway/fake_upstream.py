@@ -108,6 +108,8 @@ class FakeUpstream:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream")]})
         obj += ".chunk" if chat else ""
+        if "__split__" in text:  # every event cut into 7-byte pieces, each its own write: events span reads
+            send = _split_sender(send)
 
         def event(payload: dict) -> dict:
             return {"type": "http.response.body", "body": b"data: " + orjson.dumps(payload) + b"\n\n",
@@ -139,6 +141,18 @@ class FakeUpstream:
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+
+def _split_sender(send):
+    async def split_send(message: dict) -> None:
+        body, more = message.get("body", b""), message.get("more_body", False)
+        for i in range(0, len(body), 7):
+            await send({"type": "http.response.body", "body": body[i:i + 7], "more_body": True})
+            await asyncio.sleep(0.001)
+        if not more:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    return split_send
 
 
 def free_port() -> int:

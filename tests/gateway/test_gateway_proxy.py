@@ -33,6 +33,17 @@ def test_stream_with_include_usage_keeps_the_usage_chunk(gw):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3
 
 
+def test_a_stream_whose_events_arrive_in_pieces_is_relayed_whole(gw):
+    client = gw.client(gw.key("splitting"))
+    messages = [{"role": "user", "content": "hello there __split__"}]
+    chunks = list(client.chat.completions.create(model="fake-model", messages=messages, stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    whole = client.chat.completions.create(model="fake-model", messages=messages).choices[0].message.content
+    assert text == whole == "Echo: hello there __split__"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
+
+
 def test_completions_stream_and_not(gw):
     c = gw.client(gw.key())
     assert c.completions.create(model="fake-model", prompt="one two").choices[0].text == "Echo: one two"
