@@ -12,7 +12,7 @@ and only then wakes the appenders. Concurrent requests share a commit instead of
 A caller that is alone (`append(record, alone=True)`: the gateway with one request in flight) commits on its own
 thread instead when the log is SQLite and the writer is idle: there is nothing to group, and waking the writer thread
 and then the event loop again cost more than the commit itself (measured on the 2-core box: p50 223 vs 104 µs with
-synchronous=NORMAL, 449 vs 269 µs with FULL). It never waits for another process's write lock there; it queues.
+synchronous=NORMAL, 449 vs 270-330 µs with FULL). It never waits for another process's write lock there; it queues.
 
 The chain proves integrity relative to the head; someone who can rewrite the whole table and the head can forge a new
 chain, which is why `export` exists: ship the JSONL (with hashes) elsewhere and an old head hash pins history.
