@@ -33,6 +33,7 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -297,6 +298,16 @@ class AuditLog:
             sink.close()
 
 
+@contextmanager
+def _no_busy_wait(cur: Any) -> Iterator[None]:
+    """SQLite statements on `cur` answer SQLITE_BUSY at once instead of waiting out the busy timeout."""
+    cur.execute("PRAGMA busy_timeout=0")
+    try:
+        yield
+    finally:
+        cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+
+
 class _WriteLockBusy(Exception):
     """Another connection holds SQLite's write lock and the caller chose not to wait for it."""
 
@@ -355,15 +366,13 @@ class _ChainSink:
 
     @staticmethod
     def _begin_now(cur: Any) -> None:
-        cur.execute("PRAGMA busy_timeout=0")
-        try:
-            cur.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                raise
-            raise _WriteLockBusy() from None
-        finally:
-            cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        with _no_busy_wait(cur):
+            try:
+                cur.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                    raise
+                raise _WriteLockBusy() from None
 
     def _discard(self) -> None:
         """Roll back and drop the connection: the next batch starts on a fresh one (a restarted database, say)."""
@@ -442,12 +451,8 @@ class _Checkpointer:
             # held off, since SQLite's own wait for the write lock starves under a steady stream of group commits
             # (one RESTART waited 3.4 s while the WAL grew to 26,000 frames); it skips this round, not waiting, when
             # another process is writing or still reading old frames.
-            with self._commit_lock:
-                cur.execute("PRAGMA busy_timeout=0")
-                try:
-                    cur.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
-                finally:
-                    cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            with self._commit_lock, _no_busy_wait(cur):
+                cur.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
         finally:
             cur.close()
 

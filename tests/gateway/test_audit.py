@@ -114,11 +114,18 @@ def test_an_append_alone_does_not_block_the_event_loop_on_another_processs_write
     assert verify(sqlite_url).ok
 
 
-def test_sqlite_wal_is_checkpointed_in_the_background_and_started_over(sqlite_url, monkeypatch):  # noqa: F811
+@pytest.fixture
+def frequent_checkpoints(monkeypatch):
+    """Background checkpoints every 20 commits or 100 records, so a test sees several."""
     from gateway import audit
 
     monkeypatch.setattr(audit, "CHECKPOINT_COMMITS", 20)
     monkeypatch.setattr(audit, "CHECKPOINT_RECORDS", 100)
+
+
+def test_sqlite_wal_is_checkpointed_in_the_background_and_started_over(sqlite_url, frequent_checkpoints):  # noqa: F811
+    from gateway import audit
+
     wal = sqlite_url.removeprefix("sqlite:///") + "-wal"
 
     async def until_checkpointed(log, done: int) -> None:
@@ -158,11 +165,7 @@ def test_sqlite_wal_is_checkpointed_in_the_background_and_started_over(sqlite_ur
     assert result.ok and result.count == n, result
 
 
-def test_sqlite_wal_starts_over_under_a_steady_stream_of_group_commits(sqlite_url, monkeypatch):  # noqa: F811
-    from gateway import audit
-
-    monkeypatch.setattr(audit, "CHECKPOINT_COMMITS", 20)
-    monkeypatch.setattr(audit, "CHECKPOINT_RECORDS", 100)
+def test_sqlite_wal_starts_over_under_a_steady_stream_of_group_commits(sqlite_url, frequent_checkpoints):  # noqa: F811
     wal = sqlite_url.removeprefix("sqlite:///") + "-wal"
 
     async def go():
