@@ -78,6 +78,51 @@ def upstream_error(message: str) -> GatewayError:
     return GatewayError(502, message, type="server_error", code="upstream_error")
 
 
+# The types OpenAI's API answers with; anything else a model server says is mapped onto them by status.
+OPENAI_TYPES = frozenset({"invalid_request_error", "authentication_error", "permission_error", "not_found_error",
+                          "rate_limit_error", "insufficient_quota", "server_error", "timeout", "requests", "tokens"})
+_ENDPOINTS = {"/v1/chat/completions": "a chat model", "/v1/completions": "a text-completion model",
+              "/v1/embeddings": "an embeddings model"}
+
+
+def from_upstream(status: int, data: bytes, model: str, path: str) -> GatewayError:
+    """A model server's refusal as the OpenAI error object clients act on.
+
+    vLLM answers with its own types ("BadRequestError", "Bad Request"), integer codes and FastAPI field paths
+    ("body.temperature"), and a server that lacks the endpoint (embeddings from a chat model) with FastAPI's bare
+    {"detail": "Not Found"}. Clients branch on OpenAI's types and codes: `context_length_exceeded` is what makes
+    LangChain and others trim a conversation and retry.
+    """
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        obj = None
+    inner = obj.get("error", obj) if isinstance(obj, dict) else None
+    if not isinstance(inner, dict):
+        inner = {}
+    message, detail = inner.get("message"), inner.get("detail")
+    if status == 404 and detail == "Not Found" and not message:
+        return GatewayError(404, f"`{model}` is not {_ENDPOINTS.get(path, 'served on ' + path)}: its model server has "
+                                 f"no {path}.", code="unsupported_endpoint", param="model")
+    if status == 404 and isinstance(message, str) and "does not exist" in message:
+        return model_not_found(model)  # an adapter unloaded a moment ago; vLLM's text would list other names
+    if not isinstance(message, str) or not message:
+        message = detail if isinstance(detail, str) and detail else (
+            data.decode("utf-8", "replace")[:500] or f"The model server answered HTTP {status}.")
+    code = inner.get("code") if isinstance(inner.get("code"), str) else None
+    if code is None and "maximum context length" in message:
+        code = "context_length_exceeded"
+    param = inner.get("param") if isinstance(inner.get("param"), str) else None
+    if param is not None and param.startswith("body."):
+        param = param[len("body."):]
+    upstream_type = inner.get("type")
+    if status >= 500:
+        type_ = "server_error"
+    else:
+        type_ = upstream_type if upstream_type in OPENAI_TYPES else "invalid_request_error"
+    return GatewayError(status, message, type=type_, code=code, param=param)
+
+
 def not_found(path: str) -> GatewayError:
     return GatewayError(404, f"No route for {path}.", code="unknown_url")
 

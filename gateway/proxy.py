@@ -281,7 +281,7 @@ class Proxy:
             replica, resp = await self._open_upstream(ex, candidates, scope["path"], payload)
             try:
                 if resp.status != 200:
-                    await self._relay_upstream_error(send, ex, resp)
+                    await self._relay_upstream_error(send, ex, resp, scope["path"])
                 elif stream:
                     await self._relay_stream(receive, send, ex, resp, client_wants_usage)
                 else:
@@ -382,26 +382,17 @@ class Proxy:
         raise E.overloaded(f"Every replica tried for `{ex.model}` failed before answering ({last_error[:200]}); "
                            f"retry shortly.")
 
-    async def _relay_upstream_error(self, send, ex: Exchange, resp: Response) -> None:
-        """The upstream refused (e.g. vLLM's 400 for a prompt longer than the context): pass its error on."""
+    async def _relay_upstream_error(self, send, ex: Exchange, resp: Response, path: str) -> None:
+        """The upstream refused (e.g. vLLM's 400 for a prompt longer than the context): pass it on as OpenAI's error."""
         data = await self._read_all(resp)
         ex.upstream_s += time.perf_counter()
         ex.status = resp.status
-        try:
-            obj = orjson.loads(data)
-            if not isinstance(obj, dict) or "error" not in obj:
-                msg = obj.get("message") if isinstance(obj, dict) else None
-                obj = {"error": {"message": msg or data.decode("utf-8", "replace")[:500],
-                                 "type": "invalid_request_error" if resp.status < 500 else "server_error",
-                                 "param": None, "code": None}}
-        except orjson.JSONDecodeError:
-            obj = {"error": {"message": data.decode("utf-8", "replace")[:500], "type": "server_error", "param": None,
-                             "code": "upstream_error"}}
+        err = E.from_upstream(resp.status, data, ex.model, path)
         if resp.status >= 500:
             self.metrics.upstream_errors.labels(ex.replica, f"http_{resp.status}").inc()
         ex.completion_tokens = 0
-        await self._audit(ex, error=str(obj["error"].get("code") or obj["error"].get("type")))
-        await _respond(send, resp.status, orjson.dumps(obj), JSON_HEADERS + ex.rate_headers, ex.rid)
+        await self._audit(ex, error=err.openai_code or err.type)
+        await _respond(send, resp.status, err.body(), JSON_HEADERS + ex.rate_headers, ex.rid)
 
     async def _read_all(self, resp: Response) -> bytes:
         try:

@@ -83,9 +83,8 @@ class FakeUpstream:
             await asyncio.sleep(self.slow_s)
         model = req.get("model", self.model)
         if path == "/v1/embeddings":
-            if not self.embeddings:
-                return await self._json(send, 404, {"error": {"message": "embeddings not supported",
-                                                              "type": "NotFoundError", "code": 404}})
+            if not self.embeddings:  # what vLLM's server answers when its model is not an embeddings model
+                return await self._json(send, 404, {"detail": "Not Found"})
             inputs = req.get("input")
             inputs = [inputs] if isinstance(inputs, str) else inputs
             n = sum(len(str(i).split()) for i in inputs)

@@ -64,9 +64,22 @@ def test_error_cases_against_the_real_engine(live_gateway, key):
     with pytest.raises(openai.BadRequestError) as e400:
         c.chat.completions.create(model=DEFAULT_MODEL, messages=[])
     assert e400.value.body["param"] == "messages"
-    # vLLM's own refusal (a prompt past the context window) comes back as an OpenAI 400, not a 5xx.
-    with pytest.raises(openai.BadRequestError):
+    # vLLM's own refusals come back as OpenAI error objects, not 5xx and not vLLM's own types and integer codes.
+    with pytest.raises(openai.BadRequestError) as ectx:
         c.completions.create(model=DEFAULT_MODEL, prompt="word " * 6000, max_tokens=4)
+    assert ectx.value.body["code"] == "context_length_exceeded"
+    assert ectx.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as etype:
+        c.chat.completions.create(model=DEFAULT_MODEL, messages=FRANCE, max_tokens=2, extra_body={"top_p": 5})
+    assert etype.value.body["param"] == "top_p" and etype.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as eparse:
+        c.chat.completions.create(model=DEFAULT_MODEL, messages=FRANCE, max_tokens=2, extra_body={"temperature": "hot"})
+    assert eparse.value.body["param"] == "temperature"
+    # The default model is a chat model: its vLLM server has no /v1/embeddings route.
+    with pytest.raises(openai.NotFoundError) as eemb:
+        c.embeddings.create(model=DEFAULT_MODEL, input="hello")
+    assert eemb.value.body["code"] == "unsupported_endpoint"
+    assert "not an embeddings model" in eemb.value.body["message"]
     blocked = live_gateway.make_key("pii-block", pii="block")
     with pytest.raises(openai.BadRequestError) as epii:
         live_gateway.client(blocked).chat.completions.create(

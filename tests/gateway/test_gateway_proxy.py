@@ -216,6 +216,14 @@ def test_embeddings_pass_through(gw):
     assert len(r.data) == 2 and r.usage.prompt_tokens == 4
 
 
+def test_embeddings_from_a_model_without_them_say_so(gw, upstream):
+    upstream.embeddings = False
+    with pytest.raises(openai.NotFoundError) as err:
+        gw.client(gw.key()).embeddings.create(model="fake-model", input="a b c")
+    assert err.value.body["code"] == "unsupported_endpoint" and err.value.body["param"] == "model"
+    assert err.value.body["message"] == "`fake-model` is not an embeddings model: its model server has no /v1/embeddings."
+
+
 def test_revoked_key_stops_working_within_two_seconds(gw):
     key = gw.key()
     c = gw.client(key)

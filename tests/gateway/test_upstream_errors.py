@@ -1,0 +1,56 @@
+"""Model servers' refusals become OpenAI error objects: the bodies below are what vLLM 0.32's server answered."""
+
+import orjson
+import pytest
+
+from gateway.errors import from_upstream
+
+
+def _err(status: int, body: dict, path: str = "/v1/chat/completions") -> dict:
+    err = from_upstream(status, orjson.dumps(body), "m", path)
+    assert err.status == status
+    return orjson.loads(err.body())["error"]
+
+
+def test_context_length_gets_openais_code():
+    e = _err(400, {"error": {"message": "This model's maximum context length is 4096 tokens. However, your prompt "
+                                        "contains at least 4097 input tokens.", "type": "BadRequestError",
+                             "param": "input_tokens", "code": 400}})
+    assert e["type"] == "invalid_request_error" and e["code"] == "context_length_exceeded"
+    assert e["message"].startswith("This model's maximum context length is 4096 tokens.")
+    assert e["param"] == "input_tokens"
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"error": {"message": "1 validation error:\n  {'type': 'float_parsing', 'loc': 'body.temperature'}",
+                "type": "Bad Request", "param": "body.temperature", "code": 400}}, "temperature"),
+    ({"error": {"message": "top_p must be in (0, 1], got 5.0.", "type": "BadRequestError", "param": "top_p",
+                "code": 400}}, "top_p"),
+    ({"object": "error", "message": "older vLLM: flat", "type": "BadRequestError", "param": None, "code": 400}, None),
+])
+def test_vllm_types_integer_codes_and_field_paths_become_openais(body, param):
+    e = _err(400, body)
+    assert e["type"] == "invalid_request_error" and e["code"] is None and e["param"] == param
+    assert e["message"] == (body.get("error") or body)["message"]
+
+
+def test_an_unknown_model_reads_like_the_gateways_own_404():
+    e = _err(404, {"error": {"message": "The model `m` does not exist. Valid aliases: base-model.",
+                             "type": "NotFoundError", "param": "model", "code": 404}})
+    assert e["code"] == "model_not_found" and "Valid aliases" not in e["message"]
+
+
+@pytest.mark.parametrize("path,what", [("/v1/embeddings", "an embeddings model"),
+                                       ("/v1/chat/completions", "a chat model")])
+def test_a_missing_route_names_what_the_model_is_not(path, what):
+    e = _err(404, {"detail": "Not Found"}, path)
+    assert e["code"] == "unsupported_endpoint" and e["message"] == f"`m` is not {what}: its model server has no {path}."
+
+
+def test_server_errors_and_bodies_that_are_not_json():
+    e = _err(500, {"error": {"message": "boom", "type": "InternalServerError", "code": 500}})
+    assert e == {"message": "boom", "type": "server_error", "param": None, "code": None}
+    err = from_upstream(502, b"<html>Bad Gateway</html>", "m", "/v1/completions")
+    assert orjson.loads(err.body())["error"]["message"] == "<html>Bad Gateway</html>"
+    assert from_upstream(503, b"", "m", "/v1/completions").message == "The model server answered HTTP 503."
+    assert from_upstream(400, b'{"detail": "bad"}', "m", "/v1/completions").message == "bad"
