@@ -45,7 +45,7 @@ def _chat_texts(messages: list) -> list[tuple[dict, str | int, str]]:
 def _completion_texts(body: dict, field: str = "prompt") -> list[tuple[Any, str | int, str]]:
     prompt = body.get(field)
     if isinstance(prompt, str):
-        return [(body, "prompt", prompt)]
+        return [(body, field, prompt)]
     if isinstance(prompt, list):
         return [(prompt, i, p) for i, p in enumerate(prompt) if isinstance(p, str)]
     return []

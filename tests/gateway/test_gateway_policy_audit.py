@@ -64,6 +64,25 @@ def test_pii_redact_reaches_neither_upstream_nor_audit_nor_logs(gw, upstream, ca
     assert "13812345678" not in caplog.text and "li.lei@example.com" not in caplog.text
 
 
+@pytest.mark.parametrize("path,body,sent", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": PII_TEXT}]}]},
+     lambda req: req["messages"][0]["content"][0]["text"]),
+    ("/v1/completions", {"prompt": PII_TEXT}, lambda req: req["prompt"]),
+    ("/v1/completions", {"prompt": ["fine", PII_TEXT]}, lambda req: req["prompt"][1]),
+    ("/v1/embeddings", {"input": PII_TEXT}, lambda req: req["input"]),
+    ("/v1/embeddings", {"input": ["fine", PII_TEXT]}, lambda req: req["input"][1]),
+])
+def test_pii_redact_covers_every_place_a_prompt_can_be(gw, upstream, path, body, sent):
+    key = gw.key("careful", pii="redact")
+    r = httpx.post(f"{gw.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=30,
+                   json={"model": "fake-model", **body})
+    assert r.status_code == 200, r.text
+    req = upstream.requests[-1]
+    assert "13812345678" not in json.dumps(req) and "li.lei@example.com" not in json.dumps(req)
+    assert "[PHONE]" in sent(req) and "[EMAIL]" in sent(req)
+    assert set(req) <= {"model", *body, "max_tokens", "stream_options"}  # nothing written beside the prompt
+
+
 def test_pii_block_is_400_content_policy_violation_and_audited(gw, upstream):
     before = upstream.hits
     with pytest.raises(openai.BadRequestError) as err:
