@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sovereign.console import table_console
 from sovereign.errors import SovereignError
 
 console = Console(stderr=True)
@@ -119,7 +120,7 @@ def keys_list(team: Annotated[Optional[str], typer.Option(help="Only this team's
         table.add_row(k.id, k.team, k.name, k.prefix + "…", "yes" if k.is_admin else "",
                       k.created_at.strftime("%Y-%m-%d %H:%M"), k.revoked_at.strftime("%Y-%m-%d %H:%M")
                       if k.revoked_at else "")
-    Console().print(table)
+    table_console().print(table)
 
 
 @keys_app.command("revoke")
@@ -186,7 +187,7 @@ def _print_teams(teams, as_json: bool) -> None:
         table.add_row(t.name, ",".join(t.allowed_models), str(t.max_tokens or ""), t.pii, t.injection,
                       t.audit_content, *(str(getattr(t, f) or "") for f in ("requests_per_minute",
                       "tokens_per_minute", "daily_tokens", "monthly_tokens")), str(t.active_keys))
-    Console().print(table)
+    table_console().print(table)
 
 
 @teams_app.command("create")

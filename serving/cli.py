@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from sovereign.console import table_console
 from sovereign.errors import SovereignError
 from sovereign.settings import HomeSettings
 
@@ -105,7 +106,7 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
     for m in models:
         table.add_row(m.name, m.architecture, f"{m.parameter_count:,}", m.dtype, m.license or "?", m.origin.kind,
                       m.imported_at.strftime("%Y-%m-%d %H:%M"))
-    Console().print(table)
+    table_console().print(table)
 
 
 @models_app.command("verify")
@@ -139,7 +140,7 @@ def adapters_list(base: Annotated[Optional[str], typer.Option(help="Only adapter
         m = a.manifest
         table.add_row(a.served_name, m.base_model, str(m.rank), ",".join(m.target_modules),
                       m.created_at.strftime("%Y-%m-%d %H:%M"))
-    Console().print(table)
+    table_console().print(table)
 
 
 @adapters_app.command("publish")

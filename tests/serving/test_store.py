@@ -35,6 +35,8 @@ def test_default_model_manifest_records_what_the_issue_asks_for(store):
 def test_models_cli_lists_and_verifies(sovereign_home):
     listed = json.loads(run_sovereign(sovereign_home, "models", "list", "--json").stdout)
     assert [m["name"] for m in listed] == [DEFAULT_MODEL]
+    table = run_sovereign(sovereign_home, "models", "list").stdout  # piped: no cell cut to 80 columns
+    assert f"│ {DEFAULT_MODEL} │ LlamaForCausalLM │ 134,515,008 │" in table
     out = run_sovereign(sovereign_home, "models", "verify", DEFAULT_MODEL)
     assert "6 files match the manifest" in out.stderr or "files match the manifest" in out.stderr
 
