@@ -19,14 +19,24 @@ class PolicyOutcome:
     prompt_text: str  # the prompt as forwarded upstream (redacted when the policy redacts)
     max_tokens: int | None  # the effective completion budget, None when neither request nor policy sets one
     decisions: dict[str, Any] = field(default_factory=dict)
+    token_ids: int = 0  # prompt tokens sent as ids rather than text (counted, not read)
 
 
-def _chat_texts(messages: list) -> list[tuple[dict, str | int, str]]:
-    """(container, key, text) for every text the user sent, so redaction can write back in place."""
-    out: list[tuple[dict, str | int, str]] = []
-    for i, m in enumerate(messages):
+def _chat_texts(body: dict) -> list[tuple[Any, str | int, str]]:
+    """(container, key, text) for every text of the conversation the model will read, so redaction can write back in
+    place: message contents and parts, earlier tool calls' arguments, and vLLM's `documents` for the chat template."""
+    out: list[tuple[Any, str | int, str]] = []
+    for i, m in enumerate(body["messages"]):
         if not isinstance(m, dict):
             raise invalid_request(f"messages[{i}] must be an object with `role` and `content`", param=f"messages.{i}")
+        calls = m.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                out.append((fn, "arguments", fn["arguments"]))
+        legacy = m.get("function_call")
+        if isinstance(legacy, dict) and isinstance(legacy.get("arguments"), str):
+            out.append((legacy, "arguments", legacy["arguments"]))
         content = m.get("content")
         if isinstance(content, str):
             out.append((m, "content", content))
@@ -39,16 +49,33 @@ def _chat_texts(messages: list) -> list[tuple[dict, str | int, str]]:
         elif content is not None:
             raise invalid_request(f"messages[{i}].content must be a string, a list of parts or null",
                                   param=f"messages.{i}.content")
+    documents = body.get("documents")
+    for doc in documents if isinstance(documents, list) else ():
+        if isinstance(doc, dict):
+            out.extend((doc, k, v) for k, v in doc.items() if isinstance(v, str))
     return out
 
 
 def _completion_texts(body: dict, field: str = "prompt") -> list[tuple[Any, str | int, str]]:
     prompt = body.get(field)
+    out: list[tuple[Any, str | int, str]] = []
     if isinstance(prompt, str):
-        return [(body, field, prompt)]
-    if isinstance(prompt, list):
-        return [(prompt, i, p) for i, p in enumerate(prompt) if isinstance(p, str)]
-    return []
+        out.append((body, field, prompt))
+    elif isinstance(prompt, list):
+        out.extend((prompt, i, p) for i, p in enumerate(prompt) if isinstance(p, str))
+    if field == "prompt" and isinstance(body.get("suffix"), str):
+        out.append((body, "suffix", body["suffix"]))
+    return out
+
+
+def _token_ids(body: dict, field: str) -> int:
+    """How many prompt tokens are sent as ids: a list of ints, or a list of such lists."""
+    prompt = body.get(field)
+    if not isinstance(prompt, list) or not prompt:
+        return 0
+    if all(type(p) is int for p in prompt):
+        return len(prompt)
+    return sum(len(p) for p in prompt if isinstance(p, list))
 
 
 def _cap_max_tokens(body: dict, cap: int | None, decisions: dict) -> int | None:
@@ -75,12 +102,18 @@ def _blocked(message: str, decisions: dict) -> Exception:
 def apply_policy(policy: TeamPolicy, body: dict, kind: str) -> PolicyOutcome:
     """Apply `policy` to `body` (chat, completions or embeddings) in place; raises 400 content_policy_violation."""
     decisions: dict[str, Any] = {}
+    field_ = "input" if kind == "embeddings" else "prompt"
     if kind == "embeddings":
         max_tokens = None
         texts = _completion_texts(body, "input")
     else:
         max_tokens = _cap_max_tokens(body, policy.max_tokens, decisions)
-        texts = _chat_texts(body["messages"]) if kind == "chat" else _completion_texts(body)
+        texts = _chat_texts(body) if kind == "chat" else _completion_texts(body)
+    token_ids = 0 if kind == "chat" else _token_ids(body, field_)
+    if token_ids and (policy.pii != "off" or policy.injection == "block"):
+        # The gateway has no tokenizer: ids cannot be checked for personal data or injection, so they cannot pass.
+        raise invalid_request(f"This team's policy reads prompts (pii={policy.pii}, injection={policy.injection}), "
+                              f"so `{field_}` must be text, not token ids.", param=field_)
 
     if policy.pii != "off" and texts:
         from sovereign import pii
@@ -115,4 +148,4 @@ def apply_policy(policy: TeamPolicy, body: dict, kind: str) -> PolicyOutcome:
             if policy.injection == "block":
                 raise _blocked("The request looks like a prompt-injection attempt and this team's policy "
                                "blocks it.", decisions)
-    return PolicyOutcome(prompt_text=prompt_text, max_tokens=max_tokens, decisions=decisions)
+    return PolicyOutcome(prompt_text=prompt_text, max_tokens=max_tokens, decisions=decisions, token_ids=token_ids)

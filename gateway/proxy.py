@@ -258,7 +258,8 @@ class Proxy:
         ex.decisions = outcome.decisions
         self._count_policy(entry.team.name, outcome.decisions)
         ex.prompt_text = outcome.prompt_text
-        ex.stream = stream = body.get("stream") is True
+        # Embeddings have no stream: a client's `stream: true` there gets the plain JSON answer the server sends.
+        ex.stream = stream = ex.kind != "embeddings" and body.get("stream") is True
         client_wants_usage = False
         if stream:
             so = body.get("stream_options") or {}
@@ -270,11 +271,14 @@ class Proxy:
         if self.inflight > self.config.max_inflight:
             raise E.overloaded(f"The gateway has {self.inflight} requests in flight; retry shortly.")
 
-        estimate = len(outcome.prompt_text) // 3 + 8
+        estimate = len(outcome.prompt_text) // 3 + outcome.token_ids + 8
         if entry.quota_subjects and self.quotas is not None:
-            reserve = estimate + (outcome.max_tokens or (0 if ex.kind == "embeddings"
-                                                         else self.config.default_max_tokens_reservation))
-            await self._reserve(ex, reserve)
+            per_choice = outcome.max_tokens or (0 if ex.kind == "embeddings"
+                                                else self.config.default_max_tokens_reservation)
+            # Each of n choices (best_of candidates, where a server still takes them) may use max_tokens.
+            choices = 1 if ex.kind == "embeddings" else max(
+                body.get("n") or 1, body.get("best_of") if type(body.get("best_of")) is int else 1)
+            await self._reserve(ex, estimate + per_choice * choices)
         ex.prompt_tokens = estimate  # replaced by the upstream's count when it reports usage
         try:
             payload = orjson.dumps(body)
@@ -512,7 +516,10 @@ class Proxy:
                 ex.completion_tokens = chunks  # one token per chunk is how vLLM streams; bill what was generated
         if failure is not None:
             ex.status = failure.status
-            await self._audit(ex, error=failure.openai_code)
+            try:
+                await self._audit(ex, error=failure.openai_code)
+            except E.GatewayError as exc:  # the stream has started: the audit's failure is the last event instead
+                failure = exc
             await send({"type": "http.response.body", "body": b"data: " + failure.body() + b"\n\n",
                         "more_body": False})
             return

@@ -71,6 +71,16 @@ def test_pii_redact_reaches_neither_upstream_nor_audit_nor_logs(gw, upstream, ca
     ("/v1/completions", {"prompt": ["fine", PII_TEXT]}, lambda req: req["prompt"][1]),
     ("/v1/embeddings", {"input": PII_TEXT}, lambda req: req["input"]),
     ("/v1/embeddings", {"input": ["fine", PII_TEXT]}, lambda req: req["input"][1]),
+    ("/v1/completions", {"prompt": "def f():", "suffix": PII_TEXT}, lambda req: req["suffix"]),
+    ("/v1/chat/completions", {"messages": [
+        {"role": "user", "content": "look me up"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "lookup", "arguments": json.dumps({"q": PII_TEXT})}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "found"}]},
+     lambda req: json.loads(req["messages"][1]["tool_calls"][0]["function"]["arguments"])["q"]),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "summarise"}],
+                              "documents": [{"title": "note", "text": PII_TEXT}]},
+     lambda req: req["documents"][0]["text"]),
 ])
 def test_pii_redact_covers_every_place_a_prompt_can_be(gw, upstream, path, body, sent):
     key = gw.key("careful", pii="redact")
@@ -147,3 +157,45 @@ def test_client_disconnect_mid_stream_is_audited_and_billed_for_what_was_generat
         time.sleep(0.1)
     assert rows[0]["status"] == 499
     assert 1 <= rows[0]["completion_tokens"] < 31
+
+
+class _BrokenAudit:
+    async def append(self, record, alone=False):
+        raise OSError("disk full")
+
+
+@pytest.mark.parametrize("word", ["hello there", "__die__ a b c"])
+def test_an_audit_log_that_cannot_write_withholds_the_answer(gw, word):
+    key = gw.key()
+    gw.app.proxy.audit = _BrokenAudit()
+    with pytest.raises(openai.InternalServerError) as err:
+        gw.client(key).chat.completions.create(model="fake-model", messages=[{"role": "user", "content": word}])
+    assert err.value.status_code == 503 and err.value.body["code"] == "audit_unavailable"
+    # Streamed, whether the model finished (word 1) or broke off (word 2): the last event is the audit's error.
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                      timeout=30, json={"model": "fake-model", "stream": True,
+                                        "messages": [{"role": "user", "content": word}]}) as r:
+        body = b"".join(r.iter_raw())
+    assert r.status_code == 200
+    last = body.rstrip().split(b"\n\n")[-1]
+    assert json.loads(last[len(b"data: "):])["error"]["code"] == "audit_unavailable"
+    assert b"[DONE]" not in body
+
+
+def test_n_choices_are_reserved_n_times(gw):
+    c = gw.client(gw.key("n-budget", limits={"daily_tokens": 100}))
+    with pytest.raises(openai.RateLimitError) as err:  # 20 choices of up to 10 tokens cannot fit in 100
+        c.chat.completions.create(model="fake-model", messages=USER, max_tokens=10, n=20)
+    assert err.value.body["code"] == "insufficient_quota"
+    c.chat.completions.create(model="fake-model", messages=USER, max_tokens=10, n=2)
+
+
+def test_token_id_prompts_cannot_pass_a_policy_that_reads_prompts(gw, upstream):
+    before = upstream.hits
+    r = httpx.post(f"{gw.url}/v1/completions", headers={"Authorization": f"Bearer {gw.key('ids', pii='redact')}"},
+                   json={"model": "fake-model", "prompt": [101, 102, 103]}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert "token ids" in r.json()["error"]["message"] and upstream.hits == before
+    r = httpx.post(f"{gw.url}/v1/completions", headers={"Authorization": f"Bearer {gw.key('ids-ok', pii='off')}"},
+                   json={"model": "fake-model", "prompt": [101, 102, 103]}, timeout=30)
+    assert r.status_code == 200

@@ -216,6 +216,12 @@ def test_embeddings_pass_through(gw):
     assert len(r.data) == 2 and r.usage.prompt_tokens == 4
 
 
+def test_embeddings_asked_to_stream_answer_plain_json(gw, upstream):
+    r = httpx.post(f"{gw.url}/v1/embeddings", headers={"Authorization": f"Bearer {gw.key()}"}, timeout=30,
+                   json={"model": "fake-model", "input": "a b", "stream": True})
+    assert r.status_code == 200 and r.json()["data"][0]["embedding"] and "stream_options" not in upstream.requests[-1]
+
+
 def test_embeddings_from_a_model_without_them_say_so(gw, upstream):
     upstream.embeddings = False
     with pytest.raises(openai.NotFoundError) as err:
