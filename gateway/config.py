@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, FilePath, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from gateway.finetune_config import FineTuningConfig
@@ -38,6 +38,8 @@ class GatewayConfig(YamlSettings):
     # An admin key ensured at start, so `sovereign up` and Kubernetes can hand one out.
     bootstrap_key: SecretStr | None = None
     models: dict[str, list[str]] = Field(default_factory=dict)
+    # https:// replicas: the CA bundle (PEM) that signed their certificates; None: the system's trust store.
+    replica_ca_file: FilePath | None = None
     timeouts: Timeouts = Field(default_factory=Timeouts)
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
     health_check_interval_s: float = Field(5.0, gt=0)

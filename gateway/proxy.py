@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
@@ -156,7 +157,9 @@ class Proxy:
         self.quotas = quotas
         self.audit = audit
         self.session: aiohttp.ClientSession | None = None  # health probes and other cold paths
-        self.pools = {url: Pool(url, connect_timeout=config.timeouts.connect)  # the hot path
+        # One TLS context for the hot path and the probes, trusting the configured CA (or the system's).
+        self.tls = ssl.create_default_context(cafile=config.replica_ca_file and str(config.replica_ca_file))
+        self.pools = {url: Pool(url, connect_timeout=config.timeouts.connect, tls=self.tls)  # the hot path
                       for url in router.replicas}
         self.inflight = 0
         # model -> the team whose fine-tune job made it, None otherwise (gateway.fine_tuning replaces it).
@@ -165,7 +168,7 @@ class Proxy:
         self._ttft, self._stall, self._total = t.ttft, t.stall, t.total
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300)
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300, ssl=self.tls)
         t = self.config.timeouts
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                              timeout=aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect),

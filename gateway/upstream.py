@@ -1,9 +1,10 @@
 """A lean pooled HTTP/1.1 client for the request path: asyncio protocol + httptools' response parser.
 
 Why not aiohttp or httpx: measured on the 2-core dev box, aiohttp's client spent ~300 µs of CPU per proxied request,
-more than half of the gateway's whole budget. The replicas are vLLM servers we run ourselves on a trusted network
-speaking plain HTTP/1.1, so a client that only needs keep-alive pooling, Content-Length and chunked bodies, and
-streaming reads is small. Health probes and anything off the hot path keep using aiohttp.
+more than half of the gateway's whole budget. The replicas are vLLM servers we run ourselves speaking HTTP/1.1 (plain,
+or TLS through asyncio's own SSL transport for https:// replicas), so a client that only needs keep-alive pooling,
+Content-Length and chunked bodies, and streaming reads is small. Health probes and anything off the hot path keep
+using aiohttp.
 
 Errors: `UpstreamConnectError` when nothing of the response arrived (safe to retry on another replica),
 `UpstreamBrokenError` when the response broke off after it started.
@@ -12,6 +13,7 @@ Errors: `UpstreamConnectError` when nothing of the response arrived (safe to ret
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import deque
 from urllib.parse import urlsplit
 
@@ -190,14 +192,16 @@ class Response:
 class Pool:
     """Keep-alive connections to one replica (scheme http, host, port)."""
 
-    def __init__(self, url: str, *, connect_timeout: float = 5.0, max_idle: int = 256) -> None:
+    def __init__(self, url: str, *, connect_timeout: float = 5.0, max_idle: int = 256,
+                 tls: ssl.SSLContext | None = None) -> None:
         parts = urlsplit(url)
         self.url = url
         self.connect_timeout = connect_timeout
-        if parts.scheme != "http":
-            raise ValueError(f"replica URL {url!r}: only http:// is supported on the request path")
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"replica URL {url!r}: only http:// and https:// are supported")
         self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or 80
+        self.tls = (tls or ssl.create_default_context()) if parts.scheme == "https" else None
+        self.port = parts.port or (443 if self.tls else 80)
         self.base_path = parts.path.rstrip("/")
         self._host_header = f"{self.host}:{self.port}".encode()
         self._idle: list[_Connection] = []
@@ -213,7 +217,7 @@ class Pool:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_connection(lambda: _Connection(self), self.host, self.port)
+                _, conn = await loop.create_connection(lambda: _Connection(self), self.host, self.port, ssl=self.tls)
         except TimeoutError:
             raise UpstreamConnectError(f"connecting to {self.host}:{self.port} took over "
                                        f"{self.connect_timeout:g} s") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 
 import httpx
@@ -302,3 +303,25 @@ def test_bad_config_names_the_file_and_field(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_gateway_config(bad)
     assert str(bad) in str(err.value) and "models" in str(err.value) and "timeouts.ttft" in str(err.value)
+
+
+def test_https_replicas_signed_by_a_private_ca(start_gateway, tmp_path):
+    cert, key = tmp_path / "replica.crt", tmp_path / "replica.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=replica",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    fake = FakeUpstream()
+    with ThreadServer(fake, tls=(str(cert), str(key))) as server:
+        assert server.url.startswith("https://")
+        gw = start_gateway({"fake-model": [server.url]}, replica_ca_file=str(cert))
+        c = gw.client(gw.key())
+        assert c.chat.completions.create(model="fake-model", messages=USER).choices[0].message.content
+        assert "".join(ch.choices[0].delta.content or "" for ch in
+                       c.chat.completions.create(model="fake-model", messages=USER, stream=True) if ch.choices)
+        assert httpx.get(f"{gw.url}/readyz").json()["ready"]
+        # Trusting only the system's CAs, the same replica's certificate is refused: no request reaches it.
+        hits = fake.hits
+        untrusting = start_gateway({"fake-model": [server.url]})
+        with pytest.raises(openai.InternalServerError) as err:
+            untrusting.client(untrusting.key()).chat.completions.create(model="fake-model", messages=USER)
+        assert err.value.status_code == 503 and fake.hits == hits
