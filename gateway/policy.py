@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway import responses_api
 from gateway.directory import TeamPolicy
 from gateway.errors import content_policy, invalid_request
 from gateway.injection import detect_injection
@@ -78,9 +79,10 @@ def _token_ids(body: dict, field: str) -> int:
     return sum(len(p) for p in prompt if isinstance(p, list))
 
 
-def _cap_max_tokens(body: dict, cap: int | None, decisions: dict) -> int | None:
+def _cap_max_tokens(body: dict, cap: int | None, decisions: dict,
+                    names: tuple[str, ...] = ("max_tokens", "max_completion_tokens")) -> int | None:
     effective = None
-    for name in ("max_tokens", "max_completion_tokens"):
+    for name in names:
         value = body.get(name)
         if value is None:
             continue
@@ -89,7 +91,7 @@ def _cap_max_tokens(body: dict, cap: int | None, decisions: dict) -> int | None:
             decisions["max_tokens_capped"] = cap
         effective = value if effective is None else min(effective, value)
     if effective is None and cap is not None:
-        body["max_tokens"] = effective = cap
+        body[names[0]] = effective = cap
     return effective
 
 
@@ -100,16 +102,20 @@ def _blocked(message: str, decisions: dict) -> Exception:
 
 
 def apply_policy(policy: TeamPolicy, body: dict, kind: str) -> PolicyOutcome:
-    """Apply `policy` to `body` (chat, completions or embeddings) in place; raises 400 content_policy_violation."""
+    """Apply `policy` to `body` (chat, completions, embeddings or responses) in place; raises 400
+    content_policy_violation."""
     decisions: dict[str, Any] = {}
     field_ = "input" if kind == "embeddings" else "prompt"
     if kind == "embeddings":
         max_tokens = None
         texts = _completion_texts(body, "input")
+    elif kind == "responses":
+        max_tokens = _cap_max_tokens(body, policy.max_tokens, decisions, ("max_output_tokens",))
+        texts = responses_api.texts(body)
     else:
         max_tokens = _cap_max_tokens(body, policy.max_tokens, decisions)
         texts = _chat_texts(body) if kind == "chat" else _completion_texts(body)
-    token_ids = 0 if kind == "chat" else _token_ids(body, field_)
+    token_ids = 0 if kind in ("chat", "responses") else _token_ids(body, field_)
     if token_ids and (policy.pii != "off" or policy.injection == "block"):
         # The gateway has no tokenizer: ids cannot be checked for personal data or injection, so they cannot pass.
         raise invalid_request(f"This team's policy reads prompts (pii={policy.pii}, injection={policy.injection}), "

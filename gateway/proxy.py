@@ -31,6 +31,8 @@ from gateway.directory import Directory, KeyEntry
 from gateway.metrics import GatewayMetrics
 from gateway.policy import PolicyOutcome, apply_policy
 from gateway.quotas import QuotaExceeded, QuotaUnavailable
+from gateway import responses_api
+from gateway.responses_api import ResponseEvents
 from gateway.routing import Replica, Router
 from gateway.upstream import Pool, Response, UpstreamError
 
@@ -133,6 +135,9 @@ def validate(body: Any, kind: str) -> str:
         inp = body.get("input")
         if not (isinstance(inp, str) or (isinstance(inp, list) and inp)):
             raise E.invalid_request("`input` must be a string or a non-empty array.", param="input")
+    elif kind == "responses":
+        responses_api.validate(body)
+        return model
     if kind != "embeddings":
         stream = body.get("stream")
         if stream is not None and not isinstance(stream, bool):
@@ -185,10 +190,13 @@ class Proxy:
         t0 = time.perf_counter()
         path, method = scope["path"], scope["method"]
         kind = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
-                "/v1/embeddings": "embeddings"}.get(path)
+                "/v1/embeddings": "embeddings", "/v1/responses": "responses"}.get(path)
         ex = Exchange("req_" + os.urandom(12).hex(), t0, None, kind or "models")
         try:
             if kind is None and not path.startswith("/v1/models"):
+                if path.startswith("/v1/responses/"):
+                    raise E.GatewayError(404, f"Responses are not stored on this platform, so there is nothing at "
+                                              f"{path}.", code="response_not_found")
                 raise E.not_found(path)
             expected = "GET" if kind is None else "POST"
             if method != expected:
@@ -239,7 +247,7 @@ class Proxy:
         ex.status = 200
         await _respond(send, 200, orjson.dumps(payload), JSON_HEADERS, ex.rid)
 
-    # /v1/chat/completions, /v1/completions, /v1/embeddings ---------------------------------------------------
+    # /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses ------------------------------------
     async def _generate(self, scope: dict, receive, send, ex: Exchange) -> None:
         entry = ex.entry
         raw = await self._read_body(scope, receive)
@@ -264,7 +272,7 @@ class Proxy:
         # Embeddings have no stream: a client's `stream: true` there gets the plain JSON answer the server sends.
         ex.stream = stream = ex.kind != "embeddings" and body.get("stream") is True
         client_wants_usage = False
-        if stream:
+        if stream and ex.kind != "responses":  # a Responses stream reports usage in its final event anyway
             so = body.get("stream_options") or {}
             client_wants_usage = so.get("include_usage") is True
             if not client_wants_usage:
@@ -290,7 +298,9 @@ class Proxy:
                 if resp.status != 200:
                     await self._relay_upstream_error(send, ex, resp, scope["path"])
                 elif stream:
-                    await self._relay_stream(receive, send, ex, resp, client_wants_usage)
+                    events = (ResponseEvents(ex) if ex.kind == "responses"
+                              else _ChatEvents(ex, client_wants_usage))
+                    await self._relay_stream(receive, send, ex, resp, events)
                 else:
                     await self._relay_json(send, ex, resp)
             finally:
@@ -424,6 +434,14 @@ class Proxy:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
             raise E.upstream_error("The model server sent a response that is not JSON.") from None
+        if ex.kind == "responses" and isinstance(obj, dict):
+            if (counts := responses_api.usage(obj)) is not None:
+                ex.prompt_tokens, ex.completion_tokens = counts
+            if ex.completion_parts is not None:
+                ex.completion_parts.extend(responses_api.output_texts(obj))
+            await self._audit(ex)
+            await _respond(send, 200, data, JSON_HEADERS + ex.rate_headers, ex.rid)
+            return
         usage = obj.get("usage") if isinstance(obj, dict) else None
         if isinstance(usage, dict):
             ex.prompt_tokens = int(usage.get("prompt_tokens") or 0)
@@ -436,20 +454,18 @@ class Proxy:
         await self._audit(ex)
         await _respond(send, 200, data, JSON_HEADERS + ex.rate_headers, ex.rid)
 
-    async def _relay_stream(self, receive, send, ex: Exchange, resp: Response,
-                            client_wants_usage: bool) -> None:
+    async def _relay_stream(self, receive, send, ex: Exchange, resp: Response, events: Any) -> None:
+        """Forward the upstream's events as they come (`events.take` decides which, and what they say for the
+        audit and quotas); the last ones wait until the audit record is durable."""
         gone = asyncio.Event()
         watcher = asyncio.ensure_future(receive())
         watcher.add_done_callback(lambda _: gone.set())
         await send({"type": "http.response.start", "status": 200,
                     "headers": SSE_HEADERS + ex.rate_headers + [(b"x-request-id", ex.rid.encode())]})
         ex.status = 200
-        tail: list[bytes] = []  # held back until the audit record is durable: the usage chunk and [DONE]
         buf = b""
-        chunks = 0
-        saw_done = False
         failure: E.GatewayError | None = None
-        parts = ex.completion_parts
+        take = events.take
         try:
             while True:
                 try:
@@ -483,22 +499,8 @@ class Proxy:
                 start = 0
                 while (cut := buf.find(b"\n\n", start)) >= 0:  # by index: no copy of the rest per event
                     event, start = buf[start:cut + 2], cut + 2
-                    if event.startswith(b"data: [DONE]"):
-                        saw_done = True
-                        continue
-                    if b'"usage":{' in event:
-                        obj = _event_json(event)
-                        if obj is not None and isinstance(obj.get("usage"), dict):
-                            ex.prompt_tokens = int(obj["usage"].get("prompt_tokens") or ex.prompt_tokens)
-                            ex.completion_tokens = int(obj["usage"].get("completion_tokens") or 0)
-                            if not obj.get("choices"):
-                                if client_wants_usage:
-                                    tail.append(event)
-                                continue
-                    chunks += 1
-                    if parts is not None:
-                        _collect_text(event, parts)
-                    out.append(event)
+                    if take(event):
+                        out.append(event)
                 if start:
                     buf = buf[start:]
                 if out:
@@ -510,29 +512,28 @@ class Proxy:
             ex.upstream_s += time.perf_counter()
             if not watcher.done():
                 watcher.cancel()
-        if not saw_done and failure is None and ex.status != 499:
+        if not events.done and failure is None and ex.status != 499:
             failure = E.upstream_error("The model server ended the stream without finishing it.")
             self.metrics.upstream_errors.labels(ex.replica, "truncated_stream").inc()
         if ex.status == 499 or failure is not None:
             resp.close()  # stops generation upstream
             if not ex.completion_tokens:
-                ex.completion_tokens = chunks  # one token per chunk is how vLLM streams; bill what was generated
+                # one token per chunk is how vLLM streams; bill what was generated
+                ex.completion_tokens = events.chunks
         if failure is not None:
             ex.status = failure.status
             try:
                 await self._audit(ex, error=failure.openai_code)
             except E.GatewayError as exc:  # the stream has started: the audit's failure is the last event instead
                 failure = exc
-            await send({"type": "http.response.body", "body": b"data: " + failure.body() + b"\n\n",
-                        "more_body": False})
+            await send({"type": "http.response.body", "body": events.error(failure), "more_body": False})
             return
         try:
-            await self._audit(ex)
+            await self._audit(ex, error="response_failed" if events.failed else None)
         except E.GatewayError as exc:
-            await send({"type": "http.response.body", "body": b"data: " + exc.body() + b"\n\n", "more_body": False})
+            await send({"type": "http.response.body", "body": events.error(exc), "more_body": False})
             return
-        tail.append(DONE)
-        await send({"type": "http.response.body", "body": b"".join(tail), "more_body": False})
+        await send({"type": "http.response.body", "body": events.end(), "more_body": False})
 
     # bookkeeping -----------------------------------------------------------------------------------------------
     async def _audit(self, ex: Exchange, error: str | None = None) -> None:
@@ -623,6 +624,46 @@ def _event_json(event: bytes) -> dict | None:
     except orjson.JSONDecodeError:
         return None
     return obj if isinstance(obj, dict) else None
+
+
+class _ChatEvents:
+    """A chat or text completion stream: `data: {...}` chunks, the usage-only chunk the gateway asked for, `[DONE]`."""
+
+    __slots__ = ("ex", "parts", "wants_usage", "done", "failed", "chunks", "tail")
+
+    def __init__(self, ex: Exchange, wants_usage: bool) -> None:
+        self.ex = ex
+        self.parts = ex.completion_parts
+        self.wants_usage = wants_usage
+        self.done = self.failed = False
+        self.chunks = 0
+        self.tail: list[bytes] = []  # held back until the audit record is durable: the usage chunk
+
+    def take(self, event: bytes) -> bool:
+        if event.startswith(b"data: [DONE]"):
+            self.done = True
+            return False
+        if b'"usage":{' in event:
+            obj = _event_json(event)
+            if obj is not None and isinstance(obj.get("usage"), dict):
+                ex = self.ex
+                ex.prompt_tokens = int(obj["usage"].get("prompt_tokens") or ex.prompt_tokens)
+                ex.completion_tokens = int(obj["usage"].get("completion_tokens") or 0)
+                if not obj.get("choices"):
+                    if self.wants_usage:
+                        self.tail.append(event)
+                    return False
+        self.chunks += 1
+        if self.parts is not None:
+            _collect_text(event, self.parts)
+        return True
+
+    def end(self) -> bytes:
+        return b"".join(self.tail) + DONE
+
+    @staticmethod
+    def error(err: E.GatewayError) -> bytes:
+        return b"data: " + err.body() + b"\n\n"
 
 
 def _collect_text(event: bytes, parts: list[str]) -> None:

@@ -20,6 +20,15 @@ import uvicorn
 
 
 def _text_of(body: dict) -> str:
+    if "input" in body and "model" in body and isinstance(body["input"], (str, list)) and "messages" not in body:
+        inp = body["input"]
+        if isinstance(inp, str):
+            return inp
+        for item in reversed(inp):
+            if isinstance(item, dict) and item.get("role") == "user":
+                c = item.get("content")
+                return c if isinstance(c, str) else " ".join(p.get("text", "") for p in c if isinstance(p, dict))
+        return ""
     if "messages" in body:
         for m in reversed(body["messages"]):
             if m.get("role") == "user":
@@ -91,6 +100,8 @@ class FakeUpstream:
             return await self._json(send, 200, {"object": "list", "model": model, "data": [
                 {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(len(inputs))],
                 "usage": {"prompt_tokens": n, "total_tokens": n}})
+        if path == "/v1/responses":
+            return await self._responses(send, req, text, model)
         chat = path == "/v1/chat/completions"
         words = ("Echo: " + text).split()[: req.get("max_tokens") or req.get("max_completion_tokens") or 64]
         prompt_tokens = max(1, len(text.split()))
@@ -132,6 +143,40 @@ class FakeUpstream:
             await send(event({"id": rid, "object": obj, "created": created, "model": model, "choices": [],
                               "usage": usage}))
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    async def _responses(self, send, req: dict, text: str, model: str) -> None:
+        """The Responses API as vLLM serves it: a response object, or typed events ending in response.completed."""
+        words = ("Echo: " + text).split()[: req.get("max_output_tokens") or 64]
+        content = " ".join(words)
+        usage = {"input_tokens": max(1, len(text.split())), "output_tokens": len(words),
+                 "total_tokens": max(1, len(text.split())) + len(words)}
+        response = {"id": f"resp_{self.hits}", "object": "response", "created_at": int(time.time()), "model": model,
+                    "status": "completed", "output": [{"id": "msg_1", "type": "message", "role": "assistant",
+                                                       "status": "completed", "content": [
+                                                           {"type": "output_text", "text": content,
+                                                            "annotations": []}]}], "usage": usage}
+        if not req.get("stream"):
+            return await self._json(send, 200, response)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        seq = iter(range(1000))
+
+        def event(kind: str, payload: dict) -> dict:
+            body = orjson.dumps({**payload, "type": kind, "sequence_number": next(seq)})
+            return {"type": "http.response.body", "body": b"event: " + kind.encode() + b"\ndata: " + body + b"\n\n",
+                    "more_body": True}
+
+        await send(event("response.created", {"response": {**response, "status": "in_progress", "output": [],
+                                                           "usage": None}}))
+        for i, w in enumerate(words):
+            await send(event("response.output_text.delta", {"item_id": "msg_1", "output_index": 0,
+                                                             "content_index": 0, "delta": w if i == 0 else " " + w}))
+            if "__die__" in text and i == 1:
+                raise RuntimeError("fake upstream drops the connection mid-stream")
+        await send(event("response.output_text.done", {"item_id": "msg_1", "output_index": 0, "content_index": 0,
+                                                       "text": content}))
+        await send(event("response.completed", {"response": response}))
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     @staticmethod
     async def _json(send, status: int, payload: dict) -> None:

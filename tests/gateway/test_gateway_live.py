@@ -101,3 +101,14 @@ def test_gateway_metrics_after_real_traffic(live_gateway, key):
     text = httpx.get(f"{live_gateway.url}/metrics").text
     assert f'sovereign_gateway_tokens_total{{kind="completion",model="{DEFAULT_MODEL}",team="e2e"}}' in text
     assert "sovereign_gateway_audit_write_seconds_count" in text
+
+
+def test_responses_api_against_the_real_engine(live_gateway, key):
+    c = live_gateway.client(key)
+    r = c.responses.create(model=DEFAULT_MODEL, input="What is the capital of France?", temperature=0,
+                           max_output_tokens=16)
+    assert "Paris" in r.output_text and r.usage.output_tokens > 0
+    events = list(c.responses.create(model=DEFAULT_MODEL, input="What is the capital of France?", temperature=0,
+                                     max_output_tokens=16, stream=True))
+    assert "Paris" in "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert events[-1].type == "response.completed" and events[-1].response.usage.output_tokens > 0

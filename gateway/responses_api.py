@@ -1,0 +1,137 @@
+"""OpenAI's Responses API (`POST /v1/responses`) on the request path: what differs from chat completions.
+
+vLLM serves it statelessly here: it keeps no responses unless VLLM_ENABLE_RESPONSES_API_STORE is set, which the
+platform never does (a conversation held in a replica's memory would be lost on restart and unreachable from the
+others). So a request carries its whole conversation; `previous_response_id` is refused with that reason up front.
+A stream is typed events (`event: response.output_text.delta` + `data: {...}`) ending with `response.completed`,
+`response.incomplete` or `response.failed`, whose `response.usage` counts input_tokens and output_tokens; there is no
+`data: [DONE]`, and an error in the middle is an `event: error`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from gateway import errors as E
+
+PATH = "/v1/responses"
+FINAL = (b"response.completed", b"response.incomplete", b"response.failed")
+DELTA = b"response.output_text.delta"
+
+
+def validate(body: dict) -> None:
+    """The fields the gateway relies on; vLLM validates the rest."""
+    inp = body.get("input")
+    if not (isinstance(inp, str) or (isinstance(inp, list) and inp)):
+        raise E.invalid_request("`input` must be a string or a non-empty array of input items.", param="input")
+    for i, item in enumerate(inp if isinstance(inp, list) else ()):
+        if not isinstance(item, dict):
+            raise E.invalid_request(f"input[{i}] must be an object (a message or another input item).",
+                                    param=f"input.{i}")
+    if body.get("previous_response_id") is not None or body.get("conversation") is not None:
+        param = "previous_response_id" if body.get("previous_response_id") is not None else "conversation"
+        raise E.invalid_request("This platform keeps no responses or conversations between requests; send the "
+                                "whole conversation as `input` instead.", param=param)
+    if body.get("instructions") is not None and not isinstance(body["instructions"], str):
+        raise E.invalid_request("`instructions` must be a string.", param="instructions")
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
+        raise E.invalid_request("`stream` must be a boolean.", param="stream")
+    value = body.get("max_output_tokens")
+    if value is not None and (type(value) is not int or value < 1):
+        raise E.invalid_request(f"`max_output_tokens` must be an integer >= 1, got {value!r}"[:300],
+                                param="max_output_tokens")
+
+
+def texts(body: dict) -> list[tuple[Any, str | int, str]]:
+    """(container, key, text) for every text the model will read, so redaction can write back in place."""
+    out: list[tuple[Any, str | int, str]] = []
+    if isinstance(body.get("instructions"), str):
+        out.append((body, "instructions", body["instructions"]))
+    inp = body.get("input")
+    if isinstance(inp, str):
+        out.append((body, "input", inp))
+        return out
+    for item in inp:
+        content = item.get("content")
+        if isinstance(content, str):
+            out.append((item, "content", content))
+        elif isinstance(content, list):
+            out.extend((part, "text", part["text"]) for part in content
+                       if isinstance(part, dict) and isinstance(part.get("text"), str))
+        for key in ("output", "arguments"):  # function_call_output, function_call
+            if isinstance(item.get(key), str):
+                out.append((item, key, item[key]))
+    return out
+
+
+def usage(response: dict) -> tuple[int, int] | None:
+    """(input, output) tokens of a response object, if it says."""
+    u = response.get("usage")
+    if not isinstance(u, dict):
+        return None
+    return int(u.get("input_tokens") or 0), int(u.get("output_tokens") or 0)
+
+
+def output_texts(response: dict) -> list[str]:
+    out = []
+    for item in response.get("output") or ():
+        if isinstance(item, dict):
+            for part in item.get("content") or ():
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    out.append(part["text"])
+    return out
+
+
+def _data(event: bytes) -> dict | None:
+    start = event.find(b"data: ")
+    if start < 0:
+        return None
+    try:
+        obj = orjson.loads(event[start + 6:])
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+class ResponseEvents:
+    """One Responses stream as it passes: text and usage for the audit and quotas, the final event held back."""
+
+    __slots__ = ("ex", "parts", "done", "failed", "chunks", "tail", "seq")
+
+    def __init__(self, ex: Any) -> None:
+        self.ex = ex
+        self.parts: list[str] | None = ex.completion_parts
+        self.done = self.failed = False
+        self.chunks = self.seq = 0
+        self.tail: list[bytes] = []
+
+    def take(self, event: bytes) -> bool:
+        """Whether to forward `event` now; the final one waits until the audit record is durable."""
+        self.seq += 1
+        kind = event[7:event.find(b"\n")].strip() if event.startswith(b"event: ") else b""
+        if kind == DELTA:
+            self.chunks += 1
+            if self.parts is not None and (obj := _data(event)) is not None and isinstance(obj.get("delta"), str):
+                self.parts.append(obj["delta"])
+            return True
+        if kind in FINAL:
+            obj = _data(event)
+            response = obj.get("response") if obj is not None else None
+            if isinstance(response, dict) and (counts := usage(response)) is not None:
+                self.ex.prompt_tokens, self.ex.completion_tokens = counts
+            self.done = True
+            self.failed = kind == b"response.failed"
+            self.tail.append(event)
+            return False
+        return True
+
+    def end(self) -> bytes:
+        return b"".join(self.tail)
+
+    def error(self, err: E.GatewayError) -> bytes:
+        """An in-band failure as the Responses API streams one (the SDK's ResponseErrorEvent)."""
+        return b"event: error\ndata: " + orjson.dumps({"type": "error", "code": err.openai_code or err.type,
+                                                       "message": err.message, "param": err.param,
+                                                       "sequence_number": self.seq}) + b"\n\n"

@@ -1,0 +1,77 @@
+"""OpenAI's Responses API through the gateway: the unchanged SDK's `client.responses`, with policy, quotas and audit."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.gateway.test_gateway_policy_audit import PII_TEXT, audit_rows
+
+
+def test_a_response_and_its_audit_record(gw, upstream):
+    r = gw.client(gw.key()).responses.create(model="fake-model", input="hello there", instructions="Be brief.")
+    assert r.output_text == "Echo: hello there"
+    row = audit_rows(gw)[-1]
+    assert row["status"] == 200 and (row["prompt_tokens"], row["completion_tokens"]) == (2, 3)
+    assert row["completion"] == "sha256:" + hashlib.sha256(b"Echo: hello there").hexdigest()
+    assert row["prompt"] == "sha256:" + hashlib.sha256(b"Be brief.\nhello there").hexdigest()
+    assert "stream_options" not in upstream.requests[-1]
+
+
+def test_a_streamed_response_ends_with_its_completed_event_after_the_audit(gw):
+    events = list(gw.client(gw.key()).responses.create(model="fake-model", stream=True, input=[
+        {"role": "user", "content": [{"type": "input_text", "text": "hello there"}]}]))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "Echo: hello there"
+    assert events[-1].type == "response.completed" and events[-1].response.usage.output_tokens == 3
+    row = audit_rows(gw)[-1]
+    assert row["status"] == 200 and (row["prompt_tokens"], row["completion_tokens"]) == (2, 3)
+    assert row["completion"] == "sha256:" + hashlib.sha256(b"Echo: hello there").hexdigest()
+
+
+def test_a_stream_that_breaks_ends_with_an_error_event(gw):
+    with httpx.stream("POST", f"{gw.url}/v1/responses", headers={"Authorization": f"Bearer {gw.key()}"}, timeout=30,
+                      json={"model": "fake-model", "input": "__die__ a b c", "stream": True}) as r:
+        body = b"".join(r.iter_raw())
+    last = body.rstrip().split(b"\n\n")[-1]
+    assert last.startswith(b"event: error\ndata: ")
+    error = json.loads(last.split(b"data: ", 1)[1])
+    assert error["type"] == "error" and error["code"] == "upstream_error" and error["sequence_number"] >= 2
+    assert audit_rows(gw)[-1]["status"] == 502
+
+
+def test_policy_reads_instructions_and_every_input_item(gw, upstream):
+    c = gw.client(gw.key("careful", pii="redact", max_tokens=5))
+    c.responses.create(model="fake-model", instructions=PII_TEXT, max_output_tokens=50, input=[
+        {"role": "user", "content": [{"type": "input_text", "text": PII_TEXT}]},
+        {"type": "function_call", "call_id": "c1", "name": "lookup", "arguments": json.dumps({"q": PII_TEXT})},
+        {"type": "function_call_output", "call_id": "c1", "output": PII_TEXT}])
+    sent = upstream.requests[-1]
+    assert "13812345678" not in json.dumps(sent) and "[PHONE]" in sent["instructions"]
+    assert sent["max_output_tokens"] == 5  # the team's cap
+    c.responses.create(model="fake-model", input="hi")
+    assert upstream.requests[-1]["max_output_tokens"] == 5  # set when the request names none
+
+
+def test_max_output_tokens_is_reserved_against_the_budget(gw):
+    c = gw.client(gw.key("small", limits={"daily_tokens": 50}))
+    with pytest.raises(openai.RateLimitError) as err:
+        c.responses.create(model="fake-model", input="hi", max_output_tokens=100)
+    assert err.value.body["code"] == "insufficient_quota"
+    assert c.responses.create(model="fake-model", input="hi", max_output_tokens=10).output_text
+
+
+def test_no_state_is_kept_between_requests(gw):
+    c = gw.client(gw.key())
+    with pytest.raises(openai.BadRequestError) as err:
+        c.responses.create(model="fake-model", input="and then?", previous_response_id="resp_1")
+    assert err.value.body["param"] == "previous_response_id" and "whole conversation" in err.value.body["message"]
+    with pytest.raises(openai.NotFoundError) as err:
+        c.responses.retrieve("resp_1")
+    assert err.value.body["code"] == "response_not_found"
+    with pytest.raises(openai.BadRequestError) as err:
+        c.responses.create(model="fake-model", input=[])
+    assert err.value.body["param"] == "input"
