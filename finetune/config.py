@@ -21,7 +21,7 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 # vLLM accepts only these LoRA ranks (vllm/config/lora.py); kept equal to serving.profile.VLLM_LORA_RANKS.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # The served name is "name@version": the name must survive URLs, file names and vLLM's LoRA registry.
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # always fullmatch: `$` would let a trailing "\n" in
 
 
 class _Section(BaseModel):
@@ -139,7 +139,7 @@ class FinetuneConfig(YamlSettings):
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not _NAME_RE.match(v):
+        if not _NAME_RE.fullmatch(v):
             raise ValueError("use 1-64 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit")
         return v
 

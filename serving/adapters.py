@@ -14,11 +14,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serving.errors import AdapterNotFound, AdapterRefused
+from serving.errors import AdapterNotFound, AdapterRefused, ServingError
 from sovereign.formats import ADAPTER_MANIFEST, AdapterManifest, ModelManifest, digest_files
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always fullmatch: `$` would let a trailing "\n" in
+_REMOVING = ".removing-"
 _WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+# What vLLM 0.32 requires of and refuses in adapter_config.json (vllm/lora/peft_helper.py).
+_VLLM_REQUIRED = ("r", "lora_alpha", "target_modules")
+_VLLM_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")  # init_lora_weights strings that leave base alone
+_VLLM_UNSUPPORTED = {
+    "lora_bias": "LoRA bias",
+    "alora_invocation_tokens": "Activated LoRA (aLoRA)",
+    "layer_replication": "layer replication",
+    "use_bdlora": "block-diagonal LoRA (BD-LoRA)",
+    "use_qalora": "QALoRA",
+}
 
 
 @dataclass(frozen=True)
@@ -38,8 +49,13 @@ def read_peft_config(folder: Path) -> dict[str, Any]:
     return json.loads(cfg.read_text(encoding="utf-8"))
 
 
-def servability_problems(folder: Path, manifest: AdapterManifest, base: ModelManifest, max_lora_rank: int) -> list[str]:
-    """Why vLLM cannot serve this adapter on this base model with this profile; empty when it can."""
+def servability_problems(folder: Path, manifest: AdapterManifest, base: ModelManifest,
+                         max_lora_rank: int | None) -> list[str]:
+    """Why vLLM cannot serve this adapter on this base model with this profile; empty when it can.
+
+    Mirrors vLLM 0.32's own check (vllm/lora/peft_helper.py, PEFTHelper.validate_legal) so an adapter is refused
+    here, with its reason, rather than by the running server. `max_lora_rank=None` skips only the rank limit.
+    """
     problems = []
     try:
         peft = read_peft_config(folder)
@@ -47,9 +63,19 @@ def servability_problems(folder: Path, manifest: AdapterManifest, base: ModelMan
         return [str(exc)]
     if str(peft.get("peft_type", "LORA")).upper() != "LORA":
         problems.append(f"peft_type {peft.get('peft_type')!r} is not LORA")
-    rank = int(peft.get("r", manifest.rank))
-    if rank > max_lora_rank:
-        problems.append(f"rank {rank} exceeds the serving profile's max_lora_rank {max_lora_rank}")
+    missing = [k for k in _VLLM_REQUIRED if k not in peft]
+    if missing:
+        problems.append(f"adapter_config.json lacks {', '.join(missing)} (vLLM requires them)")
+    problems += _rank_problems(peft.get("r", manifest.rank), peft.get("rank_pattern"), max_lora_rank)
+    if peft.get("bias", "none") != "none":
+        problems.append(f"bias {peft.get('bias')!r} is not supported by vLLM (only 'none')")
+    init = peft.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in _VLLM_INITS:
+        problems.append(f"init_lora_weights {init!r} is not supported by vLLM: it changes the base weights; "
+                        f"convert the adapter to a plain LoRA (peft's path_initial_model_for_weight_conversion)")
+    for key, what in _VLLM_UNSUPPORTED.items():
+        if peft.get(key):
+            problems.append(f"{key} {peft[key]!r}: {what} is not supported by vLLM")
     if peft.get("use_dora") or manifest.use_dora:
         problems.append("DoRA adapters (use_dora: true) are not supported by vLLM")
     if peft.get("modules_to_save") or manifest.modules_to_save:
@@ -99,10 +125,10 @@ class AdapterRegistry:
                 max_lora_rank: int | None = None, origin: dict | None = None, metrics: dict | None = None,
                 lineage: dict | None = None) -> RegisteredAdapter:
         """Copy a peft adapter folder into the registry with its manifest; refuse what vLLM could not serve."""
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise AdapterRefused(f"invalid adapter name {name!r}: letters, digits, '.', '_', '-' (max 64)")
         version = version or self.next_version(name)
-        if not _NAME.match(version):
+        if not _NAME.fullmatch(version):
             raise AdapterRefused(f"invalid adapter version {version!r}")
         target = self.root / name / version
         if target.exists():
@@ -110,16 +136,15 @@ class AdapterRegistry:
         peft = read_peft_config(source)
         manifest = AdapterManifest(
             name=name, version=version, base_model=base.name, base_manifest_sha256=base.canonical_sha256(),
-            rank=int(peft.get("r", 0)), alpha=peft.get("lora_alpha"),
+            rank=peft["r"] if _positive_int(peft.get("r")) else 0, alpha=peft.get("lora_alpha"),
             target_modules=_as_list(peft.get("target_modules")), use_dora=bool(peft.get("use_dora")),
             modules_to_save=peft.get("modules_to_save") or None,
             origin=origin or {"kind": "path", "source": str(source.resolve())},
             metrics=metrics or {}, lineage=lineage or {},
         )
-        if max_lora_rank is not None:
-            problems = servability_problems(source, manifest, base, max_lora_rank)
-            if problems:
-                raise AdapterRefused(f"adapter {name}@{version} refused: " + "; ".join(problems))
+        problems = servability_problems(source, manifest, base, max_lora_rank)
+        if problems:
+            raise AdapterRefused(f"adapter {name}@{version} refused: " + "; ".join(problems))
         (self.root / name).mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.root / name, prefix=f".publish-{version}-"))
         try:
@@ -138,12 +163,51 @@ class AdapterRegistry:
         victims = [a for a in self.list() if a.manifest.name == name and version in (None, a.manifest.version)]
         if not victims:
             raise AdapterNotFound(f"no adapter {name}{'@' + version if version else ''} in {self.root}")
+        _sweep_removed(self.root)
         for a in victims:
-            # Rename first so a watcher stops seeing it at once, then delete.
-            doomed = a.path.with_name(f".removing-{a.path.name}")
-            a.path.rename(doomed)
+            # Rename first so a watcher stops seeing it at once, then delete. The hidden name is unique: a remove
+            # killed before its delete leaves one behind, which must not block removing a later same version.
+            try:
+                doomed = Path(tempfile.mkdtemp(dir=a.path.parent, prefix=f"{_REMOVING}{a.path.name}-"))
+                a.path.rename(doomed / a.path.name)
+            except OSError as exc:
+                raise ServingError(f"could not remove adapter {a.served_name} at {a.path}: {exc}",
+                                   code="adapter_remove_failed") from exc
             shutil.rmtree(doomed, ignore_errors=True)
         return [a.served_name for a in victims]
+
+
+def _sweep_removed(root: Path) -> None:
+    """Delete what removes killed before their delete left behind."""
+    for leftover in root.glob(f"*/{_REMOVING}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _rank_problems(r: Any, rank_pattern: Any, max_lora_rank: int | None) -> list[str]:
+    """vLLM loads every module at the largest of `r` and the `rank_pattern` ranks; each must be a positive int."""
+    problems, ranks = [], []
+    if _positive_int(r):
+        ranks.append((r, ""))
+    else:
+        problems.append(f"r = {r!r}: the LoRA rank must be a positive integer")
+    if not isinstance(rank_pattern, dict):
+        if rank_pattern is not None:
+            problems.append(f"rank_pattern {rank_pattern!r} is not a mapping of module pattern to rank")
+        rank_pattern = {}
+    for key, rank in rank_pattern.items():
+        if _positive_int(rank):
+            ranks.append((rank, f" in rank_pattern {{{key!r}: {rank}}}"))
+        else:
+            problems.append(f"rank_pattern {{{key!r}: {rank!r}}}: the LoRA rank must be a positive integer")
+    if ranks and max_lora_rank is not None:
+        top, where = max(ranks, key=lambda x: x[0])
+        if top > max_lora_rank:
+            problems.append(f"rank {top}{where} exceeds the serving profile's max_lora_rank {max_lora_rank}")
+    return problems
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 def _as_list(v: Any) -> list[str]:

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from sovereign.settings import YamlSettings, config_path
@@ -22,6 +22,28 @@ NORM_PROVIDER = "sovereign_cpu"  # the IR-op provider serving/cpu_norm_ops.py re
 
 # vLLM accepts only these LoRA ranks (vllm/config/lora.py).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+# The flags vllm_args renders (with vLLM's aliases) -> where to set them instead. extra_args may not repeat them:
+# vLLM takes the last value, so the supervisor would check adapters against one limit while vLLM used another.
+_SET_BY = ""  # fixed by the profile, no field to change it
+_OWNED_FLAGS = {
+    "--model": "the model store (`sovereign serve --model`)",
+    "--served-model-name": "`sovereign serve --served-name`",
+    "--host": "host", "--port": "port", "--dtype": "dtype", "--max-num-seqs": "max_num_seqs",
+    "--tensor-parallel-size": "tensor_parallel_size", "-tp": "tensor_parallel_size",
+    "--pipeline-parallel-size": "pipeline_parallel_size", "-pp": "pipeline_parallel_size",
+    "--disable-uvicorn-access-log": _SET_BY, "--no-disable-uvicorn-access-log": _SET_BY,
+    "--generation-config": _SET_BY,
+    "--enforce-eager": "enforce_eager", "--no-enforce-eager": "enforce_eager",
+    "--max-model-len": "max_model_len", "--max-num-batched-tokens": "max_num_batched_tokens",
+    "--enable-prefix-caching": "enable_prefix_caching", "--no-enable-prefix-caching": "enable_prefix_caching",
+    "--enable-chunked-prefill": "enable_chunked_prefill", "--no-enable-chunked-prefill": "enable_chunked_prefill",
+    "--stream-interval": "stream_interval",
+    "--gpu-memory-utilization": "gpu_memory_utilization", "--device-memory-utilization": "gpu_memory_utilization",
+    "--kernel-config": "cpu_rms_norm",
+    "--enable-lora": "enable_lora", "--no-enable-lora": "enable_lora",
+    "--max-loras": "max_loras", "--max-lora-rank": "max_lora_rank", "--max-cpu-loras": "max_cpu_loras",
+}
 
 
 class ServingProfile(YamlSettings):
@@ -81,6 +103,19 @@ class ServingProfile(YamlSettings):
             raise ValueError(f"must be one of {VLLM_LORA_RANKS} (vLLM's supported LoRA ranks)")
         return v
 
+    @field_validator("extra_args")
+    @classmethod
+    def _no_flag_the_profile_owns(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        for arg in v:
+            flag = _owned_flag(arg)
+            if flag == "--kernel-config" and info.data.get("device") != "cpu":
+                continue  # rendered on cpu only
+            if flag:
+                where = _OWNED_FLAGS[flag]
+                raise ValueError(f"{arg!r} sets vLLM's {flag}, which the profile renders itself; "
+                                 + (f"set it with {where} instead" if where else "the profile fixes its value"))
+        return v
+
     @model_validator(mode="after")
     def _device_consistency(self) -> "ServingProfile":
         if self.device == "cpu" and self.gpu_memory_utilization is not None:
@@ -89,6 +124,9 @@ class ServingProfile(YamlSettings):
             raise ValueError("kv_cache_gib applies to device: cpu only (use gpu_memory_utilization on cuda)")
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ValueError("max_cpu_loras must be >= max_loras")
+        if self.port == self.health_port:
+            raise ValueError(f"port and health_port are both {self.port}: vLLM and the supervisor's health server "
+                             f"need different ports")
         return self
 
     @classmethod
@@ -149,6 +187,21 @@ class ServingProfile(YamlSettings):
             env[LINEAR_WEIGHTS_ENV] = self.cpu_linear_weights
         env.update(self.extra_env)
         return env
+
+
+def _owned_flag(arg: str) -> str | None:
+    """The profile-owned flag `arg` sets as vLLM parses it (`_` for `-`, `--flag=value`, unambiguous prefixes)."""
+    if not arg.startswith("-"):
+        return None
+    key = arg.split("=", 1)[0]
+    if key.startswith("--"):
+        key = "--" + key[2:].split(".", 1)[0].replace("_", "-")  # `--kernel-config.x` sets a key of --kernel-config
+    if key in _OWNED_FLAGS:
+        return key
+    # argparse accepts any unambiguous prefix of a long flag; no vLLM flag is a prefix of one the profile owns.
+    if key.startswith("--") and len(key) > 2:
+        return next((f for f in _OWNED_FLAGS if f.startswith(key)), None)
+    return None
 
 
 def detect_device() -> Literal["cpu", "cuda"]:

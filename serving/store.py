@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -25,6 +26,11 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HF_SUFFIXES = (".json", ".safetensors", ".model", ".jinja", ".txt", ".tiktoken")
 
 Progress = Callable[[str], None]
+
+# A model name is one folder under the store root, and the served model name: never a path, never hidden.
+# Always fullmatch: `$` would let a trailing "\n" in.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_NAME_RULE = "use letters, digits, '-', '_', '.' (starting with a letter or digit, at most 128)"
 
 
 def default_gguf_path() -> Path:
@@ -76,6 +82,9 @@ class ModelStore:
         self.root = root
 
     def path(self, name: str) -> Path:
+        """`models/<name>/`; a name that could point anywhere else is refused, so nothing outside is touched."""
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ModelNotFound(f"invalid model name {name!r}: {_NAME_RULE}", code="invalid_model_name")
         return self.root / name
 
     def exists(self, name: str) -> bool:
@@ -92,7 +101,9 @@ class ModelStore:
     def list(self) -> list[ModelManifest]:
         if not self.root.is_dir():
             return []
-        return [ModelManifest.read(p) for p in sorted(self.root.glob(f"*/{MODEL_MANIFEST}"))]
+        # Hidden folders are imports in progress (or killed ones) and replaced models awaiting deletion.
+        return [ModelManifest.read(p) for p in sorted(self.root.glob(f"*/{MODEL_MANIFEST}"))
+                if not p.parent.name.startswith(".")]
 
     def verify(self, name: str) -> ModelManifest:
         """Re-hash every file; raise ModelTampered naming the first file that differs from the manifest."""
@@ -162,12 +173,32 @@ class ModelStore:
         return self.import_gguf(default_gguf_path(), DEFAULT_MODEL_NAME, license="apache-2.0", package=pkg,
                                 progress=progress)
 
+    def _swap_in(self, new: Path, target: Path) -> None:
+        """Move `new` to `target`; an existing target is set aside first and deleted only once `new` is in place."""
+        if not target.exists():
+            new.rename(target)
+            return
+        # Killed between the two renames, the old model survives in a hidden folder rather than being lost.
+        aside = Path(tempfile.mkdtemp(dir=self.root, prefix=f".replaced-{target.name}-"))
+        target.rename(aside / target.name)
+        try:
+            new.rename(target)
+        except OSError:
+            (aside / target.name).rename(target)
+            aside.rmdir()
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+
     def _import(self, name: str, build: Callable[[Path], None], origin: ModelOrigin, license: str | None,
                 say: Progress, force: bool) -> ModelManifest:
-        if not name or "/" in name or name.startswith("."):
-            raise ImportFailed(f"invalid model name {name!r}: use letters, digits, '-', '_', '.'")
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ImportFailed(f"invalid model name {name!r}: {_NAME_RULE}")
+        target = self.path(name)
         if self.exists(name) and not force:
             raise ModelExists(f"a model named {name!r} is already in the store; remove it first or pass --force")
+        if target.exists() and not force:
+            raise ModelExists(f"{target} exists but has no {MODEL_MANIFEST} (not a model the store imported); "
+                              f"move it away or pass --force to replace it")
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".import-{name}-"))
         try:
@@ -187,10 +218,7 @@ class ModelStore:
                 files=digest_files(tmp),
             )
             manifest.write(tmp / MODEL_MANIFEST)
-            target = self.path(name)
-            if target.exists():
-                shutil.rmtree(target)
-            tmp.rename(target)
+            self._swap_in(tmp, target)
             return manifest
         except ImportFailed:
             raise

@@ -49,7 +49,8 @@ def test_unknown_field_names_the_field(tmp_path):
     assert "training.learning_rat" in str(err.value) and str(path) in str(err.value)
 
 
-def test_bad_adapter_name_is_refused():
+@pytest.mark.parametrize("name", ["Bad Name!", "ok\n", "ok\r"])
+def test_bad_adapter_name_is_refused(name):
     with pytest.raises(ConfigError) as err:
-        FinetuneConfig.load(None, name="Bad Name!")
+        FinetuneConfig.load(None, name=name)
     assert "name" in str(err.value)

@@ -58,6 +58,18 @@ def _variant(src, dst, **changes):
     ({"use_dora": True}, "DoRA"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"peft_type": "IA3"}, "not LORA"),
+    ({"rank_pattern": {"q_proj": 64}}, "rank 64 .*rank_pattern.*exceeds the serving profile's max_lora_rank 16"),
+    ({"r": 0}, "r = 0"),
+    ({"rank_pattern": {"q_proj": 0}}, "rank_pattern"),
+    ({"lora_bias": True}, "lora_bias"),
+    ({"bias": "all"}, "bias 'all'"),
+    ({"bias": "lora_only"}, "bias 'lora_only'"),
+    ({"init_lora_weights": "pissa"}, "init_lora_weights 'pissa'"),
+    ({"init_lora_weights": "olora"}, "init_lora_weights 'olora'"),
+    ({"layer_replication": [[0, 4]]}, "layer_replication"),
+    ({"alora_invocation_tokens": [1, 2]}, "alora_invocation_tokens"),
+    ({"use_qalora": True}, "use_qalora"),
+    ({"use_bdlora": {"blocks": 2}}, "use_bdlora"),
 ])
 def test_unservable_adapter_is_refused_at_publish_with_its_reason(tmp_path, base, lora, changes, reason):
     bad = _variant(lora, tmp_path / "bad", **changes)
@@ -65,6 +77,18 @@ def test_unservable_adapter_is_refused_at_publish_with_its_reason(tmp_path, base
     with pytest.raises(AdapterRefused, match=reason):
         reg.publish(bad, "bad", base, max_lora_rank=16)
     assert reg.list() == []
+
+
+@pytest.mark.parametrize("changes", [
+    {"alpha_pattern": {"q_proj": 64}},
+    {"rank_pattern": {"q_proj": 16}},
+    {"init_lora_weights": "gaussian"},
+    {"init_lora_weights": True},
+    {"bias": "none", "lora_bias": False, "layer_replication": None},
+])
+def test_peft_options_vllm_serves_are_published(tmp_path, base, lora, changes):
+    ok = _variant(lora, tmp_path / "ok", **changes)
+    assert AdapterRegistry(tmp_path / "reg").publish(ok, "ok", base, max_lora_rank=16).served_name == "ok@v1"
 
 
 def test_adapter_for_another_base_model_is_refused(tmp_path, base, lora):
@@ -85,3 +109,23 @@ def test_folder_without_adapter_config_is_refused(tmp_path, base):
 def test_invalid_names_are_refused(tmp_path, base, lora):
     with pytest.raises(AdapterRefused, match="invalid adapter name"):
         AdapterRegistry(tmp_path).publish(lora, "../escape", base)
+
+
+@pytest.mark.parametrize("name,version", [("ok\n", None), ("ok", "v1\n"), ("ok\r", None), ("ok", "\nv1")])
+def test_names_and_versions_with_a_line_break_are_refused(tmp_path, base, lora, name, version):
+    reg = AdapterRegistry(tmp_path)
+    with pytest.raises(AdapterRefused, match="invalid adapter"):
+        reg.publish(lora, name, base, version=version)
+    assert reg.list() == []
+
+
+def test_remove_after_an_interrupted_remove_succeeds_and_cleans_the_leftover(tmp_path, base, lora):
+    reg = AdapterRegistry(tmp_path)
+    reg.publish(lora, "sup", base)
+    # What a remove killed between its rename and its delete leaves behind.
+    (tmp_path / "sup" / "v1").rename(tmp_path / "sup" / ".removing-v1")
+    assert reg.list() == []
+    reg.publish(lora, "sup", base, version="v1")
+    assert reg.remove("sup", "v1") == ["sup@v1"]
+    assert reg.list() == []
+    assert sorted(p.name for p in (tmp_path / "sup").iterdir()) == []

@@ -114,3 +114,42 @@ def test_cpu_dedicated_profile_is_the_cpu_profile_with_every_core_for_the_model(
     assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in cpu.vllm_env()
     assert dedicated.model_dump(exclude={"name", "cpu_reserved_cpus"}) == cpu.model_dump(exclude={"name",
                                                                                                 "cpu_reserved_cpus"})
+
+
+def test_port_and_health_port_must_differ(tmp_path):
+    bad = tmp_path / "clash.yaml"
+    bad.write_text("port: 9100\nhealth_port: 9100\n")
+    with pytest.raises(ConfigError) as err:
+        ServingProfile.named(bad)
+    assert "port" in str(err.value) and "health_port" in str(err.value) and "9100" in str(err.value)
+
+
+@pytest.mark.parametrize("extra,field", [
+    (["--max-lora-rank", "64"], "max_lora_rank"),
+    (["--max_lora_rank=64"], "max_lora_rank"),
+    (["--max-lora-r", "64"], "max_lora_rank"),  # argparse takes unambiguous abbreviations
+    (["--max-loras", "1"], "max_loras"),
+    (["--port", "9"], "port"),
+    (["--model", "/elsewhere"], "the model store"),
+    (["--enable-lora"], "enable_lora"),
+    (["--no-enforce-eager"], "enforce_eager"),
+    (["-tp", "2"], "tensor_parallel_size"),
+    (["--device-memory-utilization", "0.5"], "gpu_memory_utilization"),
+])
+def test_extra_args_may_not_set_a_flag_the_profile_owns(tmp_path, extra, field):
+    bad = tmp_path / "owned.yaml"
+    bad.write_text(f"extra_args: {extra!r}\n")
+    with pytest.raises(ConfigError) as err:
+        ServingProfile.named(bad)
+    assert "extra_args" in str(err.value) and extra[0] in str(err.value) and field in str(err.value)
+
+
+def test_extra_args_the_profile_does_not_own_pass_through():
+    p = ServingProfile(extra_args=["--max-logprobs", "5", "--quantization=fp8", "--seed", "1"])
+    assert p.vllm_args(Path("/m"), "m")[-5:] == ["--max-logprobs", "5", "--quantization=fp8", "--seed", "1"]
+
+
+def test_kernel_config_is_owned_on_cpu_only():
+    with pytest.raises(ValueError, match="cpu_rms_norm"):
+        ServingProfile(device="cpu", extra_args=["--kernel-config.ir_op_priority.rms_norm", "[]"])
+    assert ServingProfile(device="cuda", extra_args=["--kernel-config", "{}"]).extra_args == ["--kernel-config", "{}"]

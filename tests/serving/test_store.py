@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -95,3 +96,67 @@ def test_import_refuses_existing_name_and_failed_import_leaves_nothing(copy_stor
 def test_unknown_model_error_lists_what_is_there(store):
     with pytest.raises(ModelNotFound, match=f"imported: {DEFAULT_MODEL}"):
         store.get("gpt-5")
+
+
+@pytest.fixture()
+def tiny_hf(tmp_path):
+    """A minimal HF safetensors folder: imports in milliseconds."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    src = tmp_path / "tiny-src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    save_file({"w": np.zeros((4, 4), np.float32)}, str(src / "model.safetensors"))
+    return src
+
+
+@pytest.mark.parametrize("name", ["has space", "tab\tname", "nl\n", "模型", "a:b", ".hidden", "../up", "/abs", ""])
+def test_names_outside_letters_digits_dash_underscore_dot_are_refused(tmp_path, tiny_hf, name):
+    s = ModelStore(tmp_path / "models")
+    with pytest.raises(ImportFailed, match="invalid model name"):
+        s.import_hf(tiny_hf, name)
+    assert not (tmp_path / "models").exists() or list((tmp_path / "models").iterdir()) == []
+
+
+def test_an_absolute_or_relative_path_never_reaches_outside_the_store(tmp_path, tiny_hf):
+    s = ModelStore(tmp_path / "models")
+    s.import_hf(tiny_hf, "inside")
+    outside = tmp_path / "precious"
+    s.import_hf(tiny_hf, "x")
+    (s.path("x")).rename(outside)
+    for name in (str(outside), "../precious", "inside/../../precious"):
+        for call in (s.remove, s.verify, s.get, s.path):
+            with pytest.raises(ModelNotFound, match="invalid model name"):
+                call(name)
+    assert (outside / "manifest.json").is_file()
+
+
+def test_a_killed_import_leaves_no_phantom_model_in_the_list(tmp_path, tiny_hf):
+    s = ModelStore(tmp_path / "models")
+    s.import_hf(tiny_hf, "m")
+    # What an import killed before its final rename leaves: a hidden temp folder with a whole manifest.
+    shutil.copytree(s.path("m"), tmp_path / "models" / ".import-n-abc123")
+    assert [m.name for m in s.list()] == ["m"]
+
+
+def test_import_refuses_to_overwrite_a_folder_without_manifest_unless_forced(tmp_path, tiny_hf):
+    s = ModelStore(tmp_path / "models")
+    own = tmp_path / "models" / "mine"
+    own.mkdir(parents=True)
+    (own / "pytorch_model.bin").write_bytes(b"weights")
+    with pytest.raises(ModelExists, match="no manifest.json"):
+        s.import_hf(tiny_hf, "mine")
+    assert sorted(p.name for p in own.iterdir()) == ["pytorch_model.bin"]
+    s.import_hf(tiny_hf, "mine", force=True)
+    assert s.verify("mine").name == "mine"
+
+
+def test_forced_reimport_replaces_the_model_and_leaves_nothing_hidden(tmp_path, tiny_hf):
+    s = ModelStore(tmp_path / "models")
+    first = s.import_hf(tiny_hf, "m")
+    (tiny_hf / "generation_config.json").write_text("{}")
+    second = s.import_hf(tiny_hf, "m", force=True)
+    assert second.imported_at > first.imported_at
+    assert "generation_config.json" in {f.path for f in s.verify("m").files}
+    assert sorted(p.name for p in s.root.iterdir()) == ["m"]
