@@ -1,9 +1,10 @@
 """Exact and near-duplicate removal, and the check that no conversation sits in both train and validation.
 
-Exact: the whole conversation (roles and text, system prompt included) after Unicode NFKC, case folding and
-whitespace collapsing. Near: datasketch MinHash + LSH over character 5-gram shingles of the user and assistant turns
-(characters, not words, so Chinese and English are treated alike), each LSH candidate confirmed by the exact Jaccard
-similarity of the shingle sets, so the result does not depend on LSH's false positives. The first occurrence is kept.
+Exact: the whole conversation (roles, names, weights and text, system prompt included) after Unicode NFKC, case
+folding and whitespace collapsing. Near: datasketch MinHash + LSH over character 5-gram shingles of the user and
+assistant turns (characters, not words, so Chinese and English are treated alike), each LSH candidate confirmed by the
+exact Jaccard similarity of the shingle sets, so the result does not depend on LSH's false positives. The first
+occurrence is kept. Near ignores names and weights: the same text with other weights is still a near duplicate.
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ def _content(msg: dict[str, Any]) -> str:
 
 
 def exact_key(messages: list[dict[str, Any]]) -> str:
-    blob = "\x1e".join(f"{m.get('role')}\x1f{normalize(_content(m))}" for m in messages)
+    # Name and weight change what trains (weight 0: rendered, not learned), so rows differing there are not repeats.
+    # An absent weight trains like 1.
+    blob = "\x1e".join(f"{m.get('role')}\x1f{normalize(str(m.get('name') or ''))}\x1f{m.get('weight', 1)}\x1f"
+                        f"{normalize(_content(m))}" for m in messages)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
@@ -53,6 +57,18 @@ class Removed(BaseModel):
     duplicate_of: int  # line of the row that was kept
     kind: str  # "exact" or "near"
     similarity: float = 1.0
+    record: int | None = None  # JSON arrays: Row.record of each, since records can share a line
+    duplicate_of_record: int | None = None
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """The removed row's Row.key."""
+        return (self.line, self.record or 0)
+
+
+def _removed(row: Row, kept: Row, kind: str, similarity: float = 1.0) -> Removed:
+    return Removed(line=row.line, record=row.record, duplicate_of=kept.line, duplicate_of_record=kept.record,
+                   kind=kind, similarity=similarity)
 
 
 class DedupReport(BaseModel):
@@ -69,7 +85,10 @@ class DedupReport(BaseModel):
 
 
 class NearIndex:
-    """Rows seen so far, queryable for the most similar one at or above the threshold."""
+    """Rows seen so far, queryable for the most similar one at or above the threshold.
+
+    Rows are named by their position in the caller's list: lines are not unique (a compact JSON array is one line).
+    """
 
     def __init__(self, threshold: float, shingle_size: int = 5, num_perm: int = 128) -> None:
         from datasketch import MinHash, MinHashLSH
@@ -82,7 +101,7 @@ class NearIndex:
         # exact Jaccard check would reject anyway.
         self.lsh = MinHashLSH(threshold=max(0.3, threshold - 0.2), num_perm=num_perm)
         self.sets: dict[int, set[str]] = {}
-        self.representative: dict[int, int] = {}  # line -> the kept line it stands for
+        self.representative: dict[int, int] = {}  # position -> position of the kept row it stands for
 
     def _sketch(self, sh: set[str]):
         m = self._minhash(num_perm=self.num_perm, seed=1)
@@ -91,32 +110,32 @@ class NearIndex:
 
     def query(self, sh: set[str]) -> tuple[int, float] | None:
         best: tuple[int, float] | None = None
-        for line in sorted(self.lsh.query(self._sketch(sh))):
-            sim = jaccard(sh, self.sets[line])
+        for pos in sorted(self.lsh.query(self._sketch(sh))):
+            sim = jaccard(sh, self.sets[pos])
             if sim >= self.threshold and (best is None or sim > best[1]):
-                best = (line, sim)
+                best = (pos, sim)
         return best
 
-    def add(self, line: int, sh: set[str], representative: int | None = None) -> None:
-        self.sets[line] = sh
-        self.representative[line] = line if representative is None else representative
-        self.lsh.insert(line, self._sketch(sh))
+    def add(self, pos: int, sh: set[str], representative: int | None = None) -> None:
+        self.sets[pos] = sh
+        self.representative[pos] = pos if representative is None else representative
+        self.lsh.insert(pos, self._sketch(sh))
 
 
 def dedup(rows: list[Row], *, near: bool = True, threshold: float = 0.9, shingle_size: int = 5,
           num_perm: int = 128, progress: Callable[[], None] | None = None) -> tuple[list[Row], DedupReport]:
     report = DedupReport(threshold=threshold, shingle_size=shingle_size, num_perm=num_perm, rows_in=len(rows))
-    seen: dict[str, int] = {}
+    seen: dict[str, Row] = {}
     index = NearIndex(threshold, shingle_size, num_perm) if near else None
     kept: list[Row] = []
-    for row in rows:
+    for pos, row in enumerate(rows):
         messages = row.data["messages"]
         key = exact_key(messages)
         if key in seen:
-            report.removed.append(Removed(line=row.line, duplicate_of=seen[key], kind="exact"))
+            report.removed.append(_removed(row, seen[key], "exact"))
             report.exact_removed += 1
         else:
-            seen[key] = row.line
+            seen[key] = row
             hit = None
             if index is not None:
                 sh = shingles(messages, shingle_size)
@@ -124,13 +143,12 @@ def dedup(rows: list[Row], *, near: bool = True, threshold: float = 0.9, shingle
             if hit is not None:
                 # Indexed under the row it repeats, so a chain of small edits (a ~ b ~ c) collapses to `a` even
                 # when `c` alone is no longer close to `a`.
-                index.add(row.line, sh, representative=index.representative[hit[0]])
-                report.removed.append(Removed(line=row.line, duplicate_of=index.representative[hit[0]], kind="near",
-                                              similarity=round(hit[1], 4)))
+                index.add(pos, sh, representative=index.representative[hit[0]])
+                report.removed.append(_removed(row, rows[index.representative[hit[0]]], "near", round(hit[1], 4)))
                 report.near_removed += 1
             else:
                 if index is not None:
-                    index.add(row.line, sh)
+                    index.add(pos, sh)
                 kept.append(row)
         if progress is not None:
             progress()
@@ -141,19 +159,19 @@ def dedup(rows: list[Row], *, near: bool = True, threshold: float = 0.9, shingle
 def overlaps(train: Iterable[Row], val: Iterable[Row], *, threshold: float = 0.9,
              shingle_size: int = 5) -> list[Removed]:
     """Validation rows that repeat a training row exactly or nearly; `duplicate_of` is the training line."""
-    exact: dict[str, int] = {}
+    train = list(train)
+    exact: dict[str, Row] = {}
     index = NearIndex(threshold, shingle_size)
-    for row in train:
-        exact.setdefault(exact_key(row.data["messages"]), row.line)
-        index.add(row.line, shingles(row.data["messages"], shingle_size))
+    for pos, row in enumerate(train):
+        exact.setdefault(exact_key(row.data["messages"]), row)
+        index.add(pos, shingles(row.data["messages"], shingle_size))
     found = []
     for row in val:
         key = exact_key(row.data["messages"])
         if key in exact:
-            found.append(Removed(line=row.line, duplicate_of=exact[key], kind="exact"))
+            found.append(_removed(row, exact[key], "exact"))
             continue
         hit = index.query(shingles(row.data["messages"], shingle_size))
         if hit is not None:
-            found.append(Removed(line=row.line, duplicate_of=index.representative[hit[0]], kind="near",
-                                 similarity=round(hit[1], 4)))
+            found.append(_removed(row, train[index.representative[hit[0]]], "near", round(hit[1], 4)))
     return found

@@ -6,7 +6,8 @@ are both read. Conversion does not judge: a record it cannot fully convert is pa
 `validate` reports every problem with the same codes whatever the source format.
 
 Line numbers: JSONL and CSV report the physical line where the record starts (a multi-turn CSV conversation: its
-first row); a JSON array reports the line where each element starts.
+first row); a JSON array reports the line where each element starts, and each row also carries its record index,
+because a compact array (`json.dump` of a list) puts every record on line 1. Messages then say `record 3 (line 1)`.
 """
 
 from __future__ import annotations
@@ -28,10 +29,25 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 CSV_DEFAULT_COLUMNS = {"conversation_id": "conversation_id", "role": "role", "content": "content"}
 
 
+def where(line: int, record: int | None) -> str:
+    """How a message names a record: `line 7`, or `record 3 (line 1)` for an element of a JSON array."""
+    return f"line {line}" if record is None else f"record {record} (line {line})"
+
+
 @dataclass
 class Row:
     line: int
     data: Any  # {"messages": [...]} when the record converted; otherwise what was parsed, for validate to judge
+    record: int | None = None  # 1-based index in a JSON array, where many records can share a line
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """Unique within one file, unlike the line: what dedup, token stats and the split tell rows apart by."""
+        return (self.line, self.record or 0)
+
+    @property
+    def where(self) -> str:
+        return where(self.line, self.record)
 
 
 @dataclass
@@ -76,13 +92,22 @@ def read_file(path: Path, fmt: Format = "auto", columns: dict[str, str] | None =
         raw = raw[3:]
     text, bad_lines = _decode(raw)
     chosen = detect_format(path, text) if fmt == "auto" else fmt
-    if chosen == "csv":
+    array = chosen != "csv" and text.lstrip().startswith("[")
+    if bad_lines and (chosen == "csv" or array):
+        # The bad lines were blanked; in a CSV or an array that moves record boundaries (a quoted cell, a turn of a
+        # conversation, an element), so no record near them can be trusted: refuse the file, not just the line.
+        intake = Intake(chosen, fatal=True, problems=[
+            Problem(line=i, code="invalid_encoding", message="the line is not valid UTF-8; a CSV file or JSON array "
+                                                             "is only read whole, so nothing was read")
+            for i in sorted(bad_lines)])
+    elif chosen == "csv":
         intake = _read_csv(text, columns or {})
     else:
         convert = {"openai": _openai, "sharegpt": _sharegpt, "alpaca": _alpaca}[chosen]
         intake = Intake(chosen)
-        records = _json_array(text, intake) if text.lstrip().startswith("[") else _jsonl(text, intake, bad_lines)
-        intake.rows = [Row(line, convert(obj) if isinstance(obj, dict) else obj) for line, obj in records]
+        records = _json_array(text, intake) if array else _jsonl(text, intake, bad_lines)
+        intake.rows = [Row(line, convert(obj) if isinstance(obj, dict) else obj, i if array else None)
+                       for i, (line, obj) in enumerate(records, start=1)]
     intake.format = chosen
     if not intake.rows and not intake.problems:
         intake.problems.append(Problem(line=0, code="empty_file", message="the file holds no records"))
@@ -121,7 +146,11 @@ def _jsonl(text: str, intake: Intake, bad_lines: set[int]) -> list[tuple[int, An
 
 
 def _json_array(text: str, intake: Intake) -> list[tuple[int, Any]]:
-    """Elements of a top-level JSON array with the line each starts on; stops at the first syntax error."""
+    """Elements of a top-level JSON array with the line each starts on; stops at the first syntax error.
+
+    Anything after the closing `]` is an error too: a file whose first line is an array and whose next lines are
+    JSONL would otherwise lose those lines without a word.
+    """
     decoder = json.JSONDecoder()
     records = []
     pos = text.index("[") + 1
@@ -134,14 +163,20 @@ def _json_array(text: str, intake: Intake) -> list[tuple[int, Any]]:
                 intake.problems.append(Problem(line=text.count("\n", 0, n) + 1, code="invalid_json",
                                                message="the JSON array is not closed"))
                 intake.fatal = True
+            elif text[pos + 1:].strip():
+                after = pos + 1 + len(text[pos + 1:]) - len(text[pos + 1:].lstrip())
+                intake.problems.append(Problem(line=text.count("\n", 0, after) + 1, code="invalid_json",
+                                               message="data after the end of the JSON array; a file holds one "
+                                                       "array, or one JSON object per line (JSONL), not both"))
+                intake.fatal = True
             return records
         line = text.count("\n", 0, pos) + 1
         try:
             obj, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
             intake.problems.append(Problem(line=exc.lineno, code="invalid_json",
-                                           message=f"not valid JSON: {exc.msg} at column {exc.colno}; records after "
-                                                   "this point could not be read"))
+                                           message=f"record {len(records) + 1}: not valid JSON: {exc.msg} at column "
+                                                   f"{exc.colno}; records after this point could not be read"))
             intake.fatal = True
             return records
         records.append((line, obj))
@@ -176,9 +211,12 @@ def _alpaca(obj: dict[str, Any]) -> dict[str, Any]:
     messages: list[dict[str, Any]] = []
     if isinstance(obj.get("system"), str) and obj["system"]:
         messages.append({"role": "system", "content": obj["system"]})
-    for pair in obj.get("history") or []:
+    history = obj.get("history") or []
+    for pair in history if isinstance(history, list) else [history]:
         if isinstance(pair, (list, tuple)) and len(pair) == 2:
             messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+        else:
+            messages.append(pair)  # not a [question, answer] pair: passed on as is, so validate flags the record
     instruction = obj.get("instruction")
     extra = obj.get("input")
     if isinstance(instruction, str) and isinstance(extra, str) and extra.strip():
@@ -208,9 +246,12 @@ def _read_csv(text: str, columns: dict[str, str]) -> Intake:
     required = ("user", "assistant") if pairs else ("conversation_id", "role", "content")
     missing = [f"{key} -> {wanted[key]!r}" for key in required if wanted[key] not in index]
     if missing:
+        # Never quote the header: in a file without one, the "header" is the first record and may hold personal data.
         intake.problems.append(Problem(line=1, code="csv_missing_columns",
-                                       message=f"the header has no column for {', '.join(missing)}; header is "
-                                               f"{list(index)}; map columns in the config's `columns`"))
+                                       message=f"the first line has {len(header)} column(s), none for "
+                                               f"{', '.join(missing)}; expected a header row naming "
+                                               f"{', '.join(wanted[key] for key in required)}; map columns in the "
+                                               "config's `columns`"))
         return intake
     col = {key: index.get(name) for key, name in wanted.items()}
 

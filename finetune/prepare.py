@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +26,7 @@ from pydantic import BaseModel, Field
 
 from finetune.dedup import DedupReport, dedup, normalize, overlaps
 from finetune.errors import FinetuneError
-from finetune.intake import Format, Intake, Row, read_file
+from finetune.intake import Format, Intake, Row, read_file, where
 from finetune.problems import DataInvalid, Problem, count_by_code, summarize
 from finetune.scrub import ScrubReport, scrub_rows
 from finetune.validate import TokenCheck, TokenStats, load_encoder, validate_structure, validate_tokens
@@ -125,19 +126,28 @@ def split_rows(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], 
     for row in rows:
         groups.setdefault(split_key(row, seed), []).append(row)
     want = max(1, round(fraction * len(rows)))
-    val_lines: set[int] = set()
+    val_keys: set[tuple[int, int]] = set()
     for key in sorted(groups):
-        if len(val_lines) >= want:
+        if len(val_keys) >= want:
             break
-        val_lines.update(r.line for r in groups[key])
-    train = [r for r in rows if r.line not in val_lines]
-    val = [r for r in rows if r.line in val_lines]
+        val_keys.update(r.key for r in groups[key])
+    train = [r for r in rows if r.key not in val_keys]
+    val = [r for r in rows if r.key in val_keys]
     return train, val
 
 
 def _clean(problems: list[Problem]) -> list[Problem]:
-    """Problem messages quote no row text, but parse errors echo what they choke on: redact to be sure."""
+    """Problem messages quote no row text, but parse errors echo what they choke on: redact to be sure.
+
+    Every problem passes here on its way in, and the report's list once more before it is written. Redaction finds
+    numbers and addresses, not names: messages must still never quote the data.
+    """
     return [p.model_copy(update={"message": redact(p.message)[0]}) for p in problems]
+
+
+def _finish(report: PrepareReport) -> None:
+    report.problems = sorted(_clean(report.problems), key=_problem_order)
+    report.problems_by_code = count_by_code(report.problems)
 
 
 def _problem_order(p: Problem) -> tuple[str, int, str]:
@@ -184,14 +194,12 @@ def prepare(train_path: Path, out_dir: Path, *, model: str, models_dir: Path, op
     try:
         train, val = _stages(run, train_path, validation_path, model_dir)
     except FinetuneError as exc:
-        report.problems.sort(key=_problem_order)
         report.status = "failed"
         report.error = {"code": exc.code, "message": redact(str(exc))[0]}
-        report.problems_by_code = count_by_code(report.problems)
+        _finish(report)
         _publish(out_dir, {}, report)
         raise
-    report.problems.sort(key=_problem_order)
-    report.problems_by_code = count_by_code(report.problems)
+    _finish(report)
     _publish(out_dir, {TRAIN_FILE: train, VAL_FILE: val}, report)
     return report
 
@@ -202,7 +210,7 @@ def _read(run: _Run, path: Path, role: Literal["train", "validation"]) -> list[R
     run.report.inputs.append(InputFile(role=role, name=path.name, sha256=sha256_file(path), bytes=path.stat().st_size,
                                        format=intake.format, records=len(intake.rows) + len(intake.problems)))
     file = path.name if run.two_files else None
-    problems = [p.model_copy(update={"file": file}) for p in intake.problems]
+    problems = _clean([p.model_copy(update={"file": file}) for p in intake.problems])
     if intake.fatal or any(p.code in ("empty_file", "csv_missing_columns") for p in problems):
         run.report.problems += problems
         raise DataInvalid(f"{path.name}: {summarize(problems)}", problems)
@@ -223,7 +231,9 @@ def _stages(run: _Run, train_path: Path, validation_path: Path | None,
     if opts.scrub_pii:
         total = ScrubReport()
         for name, rows in sets.items():
-            sets[name], part = scrub_rows(rows, hooks.stage(f"scrubbing PII ({name})", len(rows)))
+            scrubbed, part = scrub_rows(rows, hooks.stage(f"scrubbing PII ({name})", len(rows)))
+            # scrub_rows rebuilds rows from line and data alone; keep each row's record, its identity in an array.
+            sets[name] = [replace(row, data=new.data) for row, new in zip(rows, scrubbed, strict=True)]
             for kind, n in part.counts.items():
                 total.counts[kind] = total.counts.get(kind, 0) + n
             total.rows_changed += part.rows_changed
@@ -234,14 +244,14 @@ def _stages(run: _Run, train_path: Path, validation_path: Path | None,
         report.scrub = ScrubReport(enabled=False)
 
     check = TokenCheck(load_encoder(model_dir), opts.max_seq_len)
-    stats: dict[tuple[str, int], TokenStats] = {}
+    stats: dict[tuple[str, tuple[int, int]], TokenStats] = {}
     found: list[Problem] = []
     for name, rows in sets.items():
         file = (train_path if name == "train" else validation_path).name if run.two_files else None
         checked = validate_tokens(rows, check, file, hooks.stage(f"checking tokens ({name})", len(rows)))
         found += checked.problems
         sets[name] = checked.rows
-        stats.update({(name, line): s for line, s in checked.stats.items()})
+        stats.update({(name, key): s for key, s in checked.stats.items()})
     run.problems(found)
     _gate(report, opts)
     report.stages["valid_tokens"] = sum(len(rows) for rows in sets.values())
@@ -274,20 +284,21 @@ def _stages(run: _Run, train_path: Path, validation_path: Path | None,
         report.split = {"method": "validation file given"}
         hits = overlaps(train, val, threshold=opts.near_duplicate_threshold)
         run.problems([Problem(line=h.line, code="train_val_overlap", file=validation_path.name,
-                              message=f"repeats training line {h.duplicate_of} ({h.kind}"
+                              message=f"{'' if h.record is None else where(h.line, h.record) + ': '}repeats training "
+                                      f"{where(h.duplicate_of, h.duplicate_of_record)} ({h.kind}"
                                       f"{'' if h.kind == 'exact' else f', Jaccard {h.similarity}'})")
                       for h in hits])
         _gate(report, opts)
-        bad = {h.line for h in hits}
-        val = [r for r in val if r.line not in bad]
+        bad = {h.key for h in hits}
+        val = [r for r in val if r.key not in bad]
     if not train or not val:
         raise FinetuneError("no conversation left for training or for validation after validation and dedup",
                             code="no_training_data")
     # Belt and braces: the split can only be trusted if nothing crossed it.
     crossed = overlaps(train, val, threshold=opts.near_duplicate_threshold)
     if crossed:
-        raise FinetuneError(f"{len(crossed)} validation conversation(s) also in train (first: line "
-                            f"{crossed[0].line})", code="train_val_overlap")
+        raise FinetuneError(f"{len(crossed)} validation conversation(s) also in train (first: "
+                            f"{where(crossed[0].line, crossed[0].record)})", code="train_val_overlap")
     report.split["overlap_checked"] = True
     report.split["train_lines"] = len(train)
     report.split["val_lines"] = len(val)
@@ -298,9 +309,9 @@ def _stages(run: _Run, train_path: Path, validation_path: Path | None,
     return train, val
 
 
-def _tokens(rows: list[Row], stats: dict[tuple[str, int], TokenStats], name: str) -> OutputFile:
-    return OutputFile(rows=len(rows), sha256="", bytes=0, tokens=sum(stats[(name, r.line)].tokens for r in rows),
-                      trainable_tokens=sum(stats[(name, r.line)].trainable for r in rows))
+def _tokens(rows: list[Row], stats: dict[tuple[str, tuple[int, int]], TokenStats], name: str) -> OutputFile:
+    return OutputFile(rows=len(rows), sha256="", bytes=0, tokens=sum(stats[(name, r.key)].tokens for r in rows),
+                      trainable_tokens=sum(stats[(name, r.key)].trainable for r in rows))
 
 
 def _row_json(row: Row) -> str:

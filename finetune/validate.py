@@ -106,7 +106,13 @@ class TokenCheck:
 class Checked:
     rows: list[Row] = field(default_factory=list)  # rows that passed
     problems: list[Problem] = field(default_factory=list)
-    stats: dict[int, TokenStats] = field(default_factory=dict)  # by line, for rows that passed the token check
+    stats: dict[tuple[int, int], TokenStats] = field(default_factory=dict)  # by Row.key, rows that passed tokens
+
+
+def _problem(row: Row, code: str, message: str, file: str | None) -> Problem:
+    # Rows of a compact JSON array share line 1: there only the message can say which record it is.
+    return Problem(line=row.line, code=code, message=message if row.record is None else f"{row.where}: {message}",
+                   file=file)
 
 
 def validate_structure(rows: Iterable[Row], file: str | None = None) -> Checked:
@@ -114,7 +120,7 @@ def validate_structure(rows: Iterable[Row], file: str | None = None) -> Checked:
     for row in rows:
         found = check_structure(row.data)
         if found:
-            out.problems += [Problem(line=row.line, code=c, message=m, file=file) for c, m in found]
+            out.problems += [_problem(row, c, m, file) for c, m in found]
         else:
             out.rows.append(row)
     return out
@@ -125,10 +131,10 @@ def validate_tokens(rows: Iterable[Row], check: TokenCheck, file: str | None = N
     for row in rows:
         found, stats = check.check(row.data["messages"])
         if found:
-            out.problems.append(Problem(line=row.line, code=found[0], message=found[1], file=file))
+            out.problems.append(_problem(row, found[0], found[1], file))
         else:
             out.rows.append(row)
-            out.stats[row.line] = stats
+            out.stats[row.key] = stats
         if progress is not None:
             progress()
     return out

@@ -128,3 +128,67 @@ def test_a_json_array_cut_short_is_fatal_whatever_the_policy(tmp_path):
     intake = read_file(p)
     assert intake.fatal and [(x.line, x.code) for x in intake.problems] == [(4, "invalid_json")]
     assert len(intake.rows) == 1
+
+
+HEADERLESS_PII = ("Alice Zhang", "alice.zhang@example.com", "13812345678", "4111 1111 1111 1111")
+
+
+def test_csv_without_a_header_row_never_quotes_its_first_row(tmp_path):
+    path = tmp_path / "export.csv"
+    path.write_text(f"{HEADERLESS_PII[0]} {HEADERLESS_PII[1]} {HEADERLESS_PII[2]},My card {HEADERLESS_PII[3]} was "
+                    "charged twice\nBob,hello\n", encoding="utf-8")
+    intake = read_file(path)
+    assert [(p.line, p.code) for p in intake.problems] == [(1, "csv_missing_columns")]
+    message = intake.problems[0].message
+    assert not [value for value in HEADERLESS_PII + ("My card", "charged") if value in message]
+    assert "2 column" in message and all(name in message for name in ("conversation_id", "role", "content"))
+
+
+def _conv(i):
+    return {"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]}
+
+
+def test_compact_json_array_rows_share_a_line_but_not_a_key_and_messages_name_the_record(tmp_path):
+    path = tmp_path / "compact.json"
+    bad = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}
+    path.write_text(json.dumps([_conv(1), bad, _conv(3)]))
+    intake = read_file(path)
+    assert [(r.line, r.record) for r in intake.rows] == [(1, 1), (1, 2), (1, 3)]
+    assert len({r.key for r in intake.rows}) == 3
+    problems = validate_structure(intake.rows).problems
+    assert [(p.line, p.code) for p in problems] == [(1, "missing_content")]
+    assert problems[0].message.startswith("record 2 (line 1): ")
+
+
+def test_data_after_the_json_array_is_a_fatal_error_with_its_line(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps([_conv(1), _conv(2)]) + "\n\n" + "".join(json.dumps(_conv(i)) + "\n" for i in (3, 4)))
+    intake = read_file(path)
+    assert intake.fatal and [(p.line, p.code) for p in intake.problems] == [(3, "invalid_json")]
+    trailing_space = tmp_path / "ok.json"
+    trailing_space.write_text(json.dumps([_conv(1), _conv(2)]) + "\n  \n\t\n")
+    ok = read_file(trailing_space)
+    assert not ok.fatal and ok.problems == [] and len(ok.rows) == 2
+
+
+def test_invalid_utf8_in_a_csv_or_json_array_is_reported_with_its_line_and_fatal(tmp_path):
+    csv_path = tmp_path / "enc.csv"
+    csv_path.write_bytes(b"user,assistant\nq1,a1\nq2 \xff\xfe,a2\nq3,a3\n")
+    array_path = tmp_path / "enc.json"
+    array_path.write_bytes(b"[\n" + json.dumps(_conv(1)).encode() + b",\n" + json.dumps(_conv(2)).encode()[:-3]
+                           + b"\xff\"}]},\n" + json.dumps(_conv(3)).encode() + b"\n]\n")
+    for path in (csv_path, array_path):
+        intake = read_file(path)
+        assert intake.fatal and [(p.line, p.code) for p in intake.problems] == [(3, "invalid_encoding")], path.name
+
+
+def test_malformed_alpaca_history_entries_are_flagged_not_dropped(tmp_path):
+    path = tmp_path / "alpaca.jsonl"
+    good = {"instruction": "hi", "output": "hello", "history": [["q", "a"]]}
+    bad = {"instruction": "hi", "output": "hello", "history": [["only question"], ["q", "a"], ["q", "a", "extra"]]}
+    not_a_list = {"instruction": "hi", "output": "hello", "history": 5}
+    path.write_text("".join(json.dumps(r) + "\n" for r in (good, bad, not_a_list)))
+    intake = read_file(path)
+    assert intake.format == "alpaca" and intake.problems == []
+    found = [(p.line, p.code) for p in validate_structure(intake.rows).problems]
+    assert found == [(2, "data_type"), (3, "data_type")]

@@ -220,3 +220,35 @@ def test_cli_takes_a_finetune_config_and_uses_its_data_section(sample, sovereign
     assert report["options"]["max_seq_len"] == 512 and report["options"]["seed"] == 3
     want = round(0.25 * report["stages"]["deduplicated"])
     assert want <= report["outputs"]["val.jsonl"]["rows"] <= want + 2  # whole groups go to val
+
+
+def test_a_headerless_csv_is_refused_without_writing_its_first_row_anywhere(models_dir, tmp_path):
+    pii = ("Alice Zhang", "alice.zhang@example.com", "13812345678", "4111 1111 1111 1111")
+    path = tmp_path / "export.csv"
+    path.write_text(f"{pii[0]} {pii[1]} {pii[2]},My card {pii[3]} was charged twice\nBob,hello\n", encoding="utf-8")
+    with pytest.raises(DataInvalid) as err:
+        prepare(path, tmp_path / "out", model=DEFAULT_MODEL, models_dir=models_dir)
+    assert [(p.line, p.code) for p in err.value.problems] == [(1, "csv_missing_columns")]
+    written = (tmp_path / "out" / "prepare_report.json").read_text(encoding="utf-8")
+    shown = written + str(err.value) + " ".join(p.message for p in err.value.problems)
+    assert [v for v in pii if any(form in shown.lower() for form in _forms(v))] == []
+    assert json.loads(written)["problems"][0]["code"] == "csv_missing_columns"
+
+
+@pytest.mark.parametrize("dedup", [True, False])
+def test_a_compact_json_array_prepares_and_splits_like_any_file(models_dir, tmp_path, dedup):
+    topics = ["refund for a broken kettle", "delivery time to Oslo", "change my password", "opening hours on Sunday",
+              "warranty of the Summit backpack", "pay with an invoice"]
+    convs = [{"messages": [{"role": "user", "content": f"Hello, I have a question about {t}."},
+                           {"role": "assistant", "content": f"Of course. Regarding {t}, here is what you need."}]}
+             for t in topics]
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps(convs + [convs[0]]))  # one line, with one exact repeat
+    report = prepare(path, tmp_path / "out", model=DEFAULT_MODEL, models_dir=models_dir,
+                     options=PrepareOptions(dedup=dedup, validation_fraction=0.34))
+    train, val = _rows(tmp_path / "out" / "train.jsonl"), _rows(tmp_path / "out" / "val.jsonl")
+    assert len(train) + len(val) == (6 if dedup else 7) and len(val) >= 2 and len(train) >= 4
+    assert report.outputs["train.jsonl"].tokens > 0 and report.outputs["val.jsonl"].tokens > 0
+    if dedup:
+        assert [(r.line, r.record, r.duplicate_of_record, r.kind) for r in report.dedup.removed] == [
+            (1, 7, 1, "exact")]
