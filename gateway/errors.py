@@ -119,7 +119,8 @@ def from_upstream(status: int, data: bytes, model: str, path: str) -> GatewayErr
     if status >= 500:
         type_ = "server_error"
     else:
-        type_ = upstream_type if upstream_type in OPENAI_TYPES else "invalid_request_error"
+        type_ = upstream_type if isinstance(upstream_type, str) and upstream_type in OPENAI_TYPES \
+            else "invalid_request_error"
     return GatewayError(status, message, type=type_, code=code, param=param)
 
 

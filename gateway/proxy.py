@@ -287,7 +287,7 @@ class Proxy:
             per_choice = outcome.max_tokens or (0 if ex.kind == "embeddings"
                                                 else self.config.default_max_tokens_reservation)
             # Each of n choices (best_of candidates, where a server still takes them) may use max_tokens.
-            choices = 1 if ex.kind == "embeddings" else max(
+            choices = 1 if ex.kind in ("embeddings", "responses") else max(
                 body.get("n") or 1, body.get("best_of") if type(body.get("best_of")) is int else 1)
             await self._reserve(ex, estimate + per_choice * choices)
         ex.prompt_tokens = estimate  # replaced by the upstream's count when it reports usage
@@ -439,7 +439,7 @@ class Proxy:
                 ex.prompt_tokens, ex.completion_tokens = counts
             if ex.completion_parts is not None:
                 ex.completion_parts.extend(responses_api.output_texts(obj))
-            await self._audit(ex)
+            await self._audit(ex, error="response_failed" if obj.get("status") == "failed" else None)
             await _respond(send, 200, data, JSON_HEADERS + ex.rate_headers, ex.rid)
             return
         usage = obj.get("usage") if isinstance(obj, dict) else None

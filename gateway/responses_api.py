@@ -17,7 +17,7 @@ import orjson
 from gateway import errors as E
 
 PATH = "/v1/responses"
-FINAL = (b"response.completed", b"response.incomplete", b"response.failed")
+FINAL = (b"response.completed", b"response.incomplete", b"response.failed", b"error")
 DELTA = b"response.output_text.delta"
 
 
@@ -54,15 +54,15 @@ def texts(body: dict) -> list[tuple[Any, str | int, str]]:
         out.append((body, "input", inp))
         return out
     for item in inp:
-        content = item.get("content")
-        if isinstance(content, str):
-            out.append((item, "content", content))
-        elif isinstance(content, list):
-            out.extend((part, "text", part["text"]) for part in content
-                       if isinstance(part, dict) and isinstance(part.get("text"), str))
-        for key in ("output", "arguments"):  # function_call_output, function_call
-            if isinstance(item.get(key), str):
-                out.append((item, key, item[key]))
+        # message content; function_call_output's output; function_call's arguments; custom_tool_call's input;
+        # a reasoning item's summary: each a string or a list of parts with `text`.
+        for key in ("content", "output", "arguments", "input", "summary"):
+            value = item.get(key)
+            if isinstance(value, str):
+                out.append((item, key, value))
+            elif isinstance(value, list):
+                out.extend((part, "text", part["text"]) for part in value
+                           if isinstance(part, dict) and isinstance(part.get("text"), str))
     return out
 
 
@@ -111,9 +111,10 @@ class ResponseEvents:
         """Whether to forward `event` now; the final one waits until the audit record is durable."""
         self.seq += 1
         kind = event[7:event.find(b"\n")].strip() if event.startswith(b"event: ") else b""
-        if kind == DELTA:
+        if kind.endswith(b".delta"):  # text, reasoning, tool-call arguments: a token each, billed if cut off
             self.chunks += 1
-            if self.parts is not None and (obj := _data(event)) is not None and isinstance(obj.get("delta"), str):
+            if kind == DELTA and self.parts is not None and (obj := _data(event)) is not None \
+                    and isinstance(obj.get("delta"), str):
                 self.parts.append(obj["delta"])
             return True
         if kind in FINAL:
@@ -122,7 +123,7 @@ class ResponseEvents:
             if isinstance(response, dict) and (counts := usage(response)) is not None:
                 self.ex.prompt_tokens, self.ex.completion_tokens = counts
             self.done = True
-            self.failed = kind == b"response.failed"
+            self.failed = kind in (b"response.failed", b"error")
             self.tail.append(event)
             return False
         return True

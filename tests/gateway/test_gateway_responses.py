@@ -75,3 +75,40 @@ def test_no_state_is_kept_between_requests(gw):
     with pytest.raises(openai.BadRequestError) as err:
         c.responses.create(model="fake-model", input=[])
     assert err.value.body["param"] == "input"
+
+
+@pytest.mark.parametrize("item", [
+    {"type": "function_call_output", "call_id": "c1", "output": [{"type": "input_text", "text": PII_TEXT}]},
+    {"type": "reasoning", "id": "r1", "summary": [{"type": "summary_text", "text": PII_TEXT}]},
+    {"type": "custom_tool_call", "call_id": "c2", "name": "shell", "input": PII_TEXT},
+    {"role": "developer", "content": PII_TEXT},
+])
+def test_every_input_item_shape_is_read_by_the_policy(item):
+    from gateway.directory import TeamPolicy
+    from gateway.errors import GatewayError
+    from gateway.policy import apply_policy
+
+    strict = TeamPolicy(name="s", allowed_models=("*",), max_tokens=None, pii="block", injection="off",
+                        audit_content="hash", limits=(None,) * 4)
+    with pytest.raises(GatewayError) as err:
+        apply_policy(strict, {"model": "m", "input": [{"role": "user", "content": "hi"}, item]}, "responses")
+    assert err.value.openai_code == "content_policy_violation"
+
+
+def test_cut_off_streams_bill_every_delta_and_an_upstream_error_ends_the_stream():
+    from types import SimpleNamespace
+
+    from gateway.responses_api import ResponseEvents
+
+    events = ResponseEvents(SimpleNamespace(completion_parts=[], prompt_tokens=0, completion_tokens=0))
+    for kind in ("response.reasoning_text.delta", "response.function_call_arguments.delta",
+                 "response.output_text.delta"):
+        assert events.take(b"event: " + kind.encode() + b'\ndata: {"delta": "x"}\n\n')
+    assert events.chunks == 3 and events.parts == ["x"] and not events.done
+    assert not events.take(b'event: error\ndata: {"type": "error", "code": "x", "message": "m"}\n\n')
+    assert events.done and events.failed and events.end().startswith(b"event: error")
+
+
+def test_fields_the_responses_api_does_not_have_are_left_to_the_server(gw):
+    c = gw.client(gw.key("quota", limits={"daily_tokens": 10_000}))
+    assert c.responses.create(model="fake-model", input="hi", extra_body={"n": "two"}).output_text

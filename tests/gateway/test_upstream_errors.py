@@ -54,3 +54,11 @@ def test_server_errors_and_bodies_that_are_not_json():
     assert orjson.loads(err.body())["error"]["message"] == "<html>Bad Gateway</html>"
     assert from_upstream(503, b"", "m", "/v1/completions").message == "The model server answered HTTP 503."
     assert from_upstream(400, b'{"detail": "bad"}', "m", "/v1/completions").message == "bad"
+
+
+@pytest.mark.parametrize("body", [{"error": "a string"}, {"error": None}, [1, 2], {"detail": [{"loc": ["body"]}]},
+                                  {"error": {"message": "m", "type": ["BadRequestError"]}},
+                                  {"error": {"message": "m", "type": {"a": 1}, "code": {"x": 1}, "param": 3}}])
+def test_odd_bodies_still_make_an_error_object(body):
+    e = _err(400, body)
+    assert e["type"] == "invalid_request_error" and isinstance(e["message"], str) and e["message"]
