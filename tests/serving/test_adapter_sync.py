@@ -64,12 +64,18 @@ def _poll(sync: AdapterSync, vllm: FakeVllm) -> None:
     asyncio.run(go())
 
 
+def _synced(tmp_path, base, peft_folder, *names: str, **kw) -> tuple[AdapterRegistry, Clock, "FakeVllm", AdapterSync]:
+    """A registry holding `names` (published from the same folder), a fake vLLM and a sync on a fake clock."""
+    reg = AdapterRegistry(tmp_path / "reg")
+    for name in names:
+        reg.publish(peft_folder, name, base)
+    clock = Clock()
+    return reg, clock, FakeVllm(), AdapterSync(reg, base, 16, clock=clock, **kw)
+
+
 @pytest.mark.parametrize("failure", [503, 502, 429, httpx.ConnectError("refused"), httpx.ReadTimeout("slow")])
 def test_transient_load_failure_is_retried_with_backoff_not_refused(tmp_path, base, peft_folder, failure):
-    reg = AdapterRegistry(tmp_path / "reg")
-    reg.publish(peft_folder, "good", base)
-    clock, vllm = Clock(), FakeVllm()
-    sync = AdapterSync(reg, base, 16, clock=clock)
+    reg, clock, vllm, sync = _synced(tmp_path, base, peft_folder, "good")
     vllm.answers = [failure]
     _poll(sync, vllm)
     assert sync.state.refused == {} and sync.state.loaded == {}
@@ -82,10 +88,7 @@ def test_transient_load_failure_is_retried_with_backoff_not_refused(tmp_path, ba
 
 
 def test_retry_backoff_doubles_up_to_its_cap(tmp_path, base, peft_folder):
-    reg = AdapterRegistry(tmp_path / "reg")
-    reg.publish(peft_folder, "good", base)
-    clock, vllm = Clock(), FakeVllm()
-    sync = AdapterSync(reg, base, 16, clock=clock, retry_backoff_s=1, retry_backoff_max_s=4)
+    reg, clock, vllm, sync = _synced(tmp_path, base, peft_folder, "good", retry_backoff_s=1, retry_backoff_max_s=4)
     vllm.answers = [503] * 6
     attempts = []
     for t in range(20):
@@ -99,24 +102,19 @@ def test_retry_backoff_doubles_up_to_its_cap(tmp_path, base, peft_folder):
 
 
 def test_one_adapter_failing_to_connect_does_not_stop_the_others(tmp_path, base, peft_folder):
-    reg = AdapterRegistry(tmp_path / "reg")
-    reg.publish(peft_folder, "a", base)
-    reg.publish(peft_folder, "b", base)
-    vllm = FakeVllm()
+    _, _, vllm, sync = _synced(tmp_path, base, peft_folder, "a", "b")
     vllm.answers = [httpx.ConnectError("down"), 200]
-    sync = AdapterSync(reg, base, 16, clock=Clock())
     _poll(sync, vllm)
     assert vllm.loads == ["a@v1", "b@v1"] and list(sync.state.loaded) == ["b@v1"]
 
 
-def test_vllm_4xx_refuses_that_manifest_for_good_and_a_republish_is_tried_again(tmp_path, base, peft_folder):
-    reg = AdapterRegistry(tmp_path / "reg")
-    reg.publish(peft_folder, "x", base)
-    clock, vllm = Clock(), FakeVllm()
-    sync = AdapterSync(reg, base, 16, clock=clock)
-    vllm.answers = [400]
+# 500 too: vLLM answers it for any exception while loading the weights, which is deterministic.
+@pytest.mark.parametrize("status", [400, 500])
+def test_a_vllm_refusal_holds_for_that_manifest_and_a_republish_is_tried_again(tmp_path, base, peft_folder, status):
+    reg, clock, vllm, sync = _synced(tmp_path, base, peft_folder, "x")
+    vllm.answers = [status]
     _poll(sync, vllm)
-    assert sync.state.refused == {"x@v1": "vLLM refused it: 400 said 400"}
+    assert sync.state.refused == {"x@v1": f"vLLM refused it: {status} said {status}"}
     clock.now = 3600.0
     _poll(sync, vllm)
     assert vllm.loads == ["x@v1"]
@@ -126,6 +124,15 @@ def test_vllm_4xx_refuses_that_manifest_for_good_and_a_republish_is_tried_again(
     _poll(sync, vllm)
     assert vllm.loads == ["x@v1", "x@v1"]
     assert list(sync.state.loaded) == ["x@v1"] and sync.state.refused == {}
+
+
+def test_an_engine_restart_tries_refused_adapters_again(tmp_path, base, peft_folder):
+    _, _, vllm, sync = _synced(tmp_path, base, peft_folder, "x")
+    vllm.answers = [500]
+    _poll(sync, vllm)
+    sync.reset()
+    _poll(sync, vllm)
+    assert vllm.loads == ["x@v1", "x@v1"] and list(sync.state.loaded) == ["x@v1"]
 
 
 def test_unservable_adapter_is_refused_with_its_reason_without_asking_vllm(tmp_path, base, peft_folder):
@@ -138,19 +145,3 @@ def test_unservable_adapter_is_refused_with_its_reason_without_asking_vllm(tmp_p
     _poll(sync, vllm)
     assert vllm.loads == []
     assert "rank 64" in sync.state.refused["big@v1"] and "rank_pattern" in sync.state.refused["big@v1"]
-
-
-def test_a_500_from_loading_is_a_refusal_of_that_manifest(tmp_path, base, peft_folder):
-    """vLLM answers 500 for any exception while loading the weights: deterministic, so shown, not retried."""
-    reg = AdapterRegistry(tmp_path / "reg")
-    reg.publish(peft_folder, "good", base)
-    clock, vllm = Clock(), FakeVllm()
-    sync = AdapterSync(reg, base, 16, clock=clock)
-    vllm.answers = [500]
-    _poll(sync, vllm)
-    clock.now = 120.0
-    _poll(sync, vllm)
-    assert vllm.loads == ["good@v1"] and "said 500" in sync.state.refused["good@v1"]
-    sync.reset()  # the engine restarted: everything is tried again
-    _poll(sync, vllm)
-    assert list(sync.state.loaded) == ["good@v1"]
