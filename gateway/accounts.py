@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import secrets
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
@@ -41,21 +41,33 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
+# Upper bounds: what the columns hold (32-bit rpm and max_tokens) and what Redis's Lua numbers (doubles) still write
+# back as integers (2**53); past them a database or the quota store failed with a 500/503.
+MAX_INT32 = 2**31 - 1
+MAX_TOKENS_LIMIT = 2**53
+
+
 class Limits(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    requests_per_minute: int | None = Field(None, ge=1)
-    tokens_per_minute: int | None = Field(None, ge=1)
-    daily_tokens: int | None = Field(None, ge=1)
-    monthly_tokens: int | None = Field(None, ge=1)
+    requests_per_minute: int | None = Field(None, ge=1, le=MAX_INT32)
+    tokens_per_minute: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    daily_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    monthly_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+
+
+def _no_nul(v: str) -> str:
+    if "\x00" in v:
+        raise ValueError("must not contain a NUL character")
+    return v
 
 
 class TeamSpec(Limits):
     """A team's policy. `allowed_models` are glob patterns over model ids, adapters included (`support@*`)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    allowed_models: list[str] = Field(default_factory=lambda: ["*"])
-    max_tokens: int | None = Field(None, ge=1)
+    allowed_models: list[Annotated[str, AfterValidator(_no_nul)]] = Field(default_factory=lambda: ["*"])
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     pii: PiiMode = "off"
     injection: InjectionMode = "flag"
     audit_content: AuditContent = "hash"
@@ -64,8 +76,8 @@ class TeamSpec(Limits):
 class TeamUpdate(Limits):
     """Fields to change; a field left out keeps its value, a limit set to null removes it."""
 
-    allowed_models: list[str] | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    allowed_models: list[Annotated[str, AfterValidator(_no_nul)]] | None = None
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     pii: PiiMode | None = None
     injection: InjectionMode | None = None
     audit_content: AuditContent | None = None
@@ -82,10 +94,10 @@ class KeySpec(Limits):
     name: str = Field("", max_length=128)
     is_admin: bool = False
 
-    @field_validator("name")
+    @field_validator("name", "team")
     @classmethod
     def _strip(cls, v: str) -> str:
-        return v.strip()
+        return _no_nul(v.strip())
 
 
 class KeyOut(BaseModel):

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError, IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import errors as E
@@ -63,9 +64,25 @@ def build_admin_app(accounts: Accounts, directory: Directory, status: Any = None
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
+            return _error(400, f"The request body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
+                               f" at character {first.get('loc', ('', '?'))[-1]}.", "invalid_request_error",
+                          "invalid_request")
         loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return _error(400, f"{loc or 'body'}: {first.get('msg', 'invalid request')}", "invalid_request_error",
                       "invalid_request", loc or None)
+
+    @app.exception_handler(DataError)
+    async def _data_error(_: Request, exc: DataError) -> JSONResponse:
+        # What the database cannot hold (a NUL in a path parameter, say): the request's fault, not a 500.
+        return _error(400, f"The database refused a value of this request: {str(exc.orig).splitlines()[0]}",
+                      "invalid_request_error", "invalid_value")
+
+    @app.exception_handler(IntegrityError)
+    async def _integrity_error(_: Request, exc: IntegrityError) -> JSONResponse:
+        # Two admins creating the same name at once: the loser of the race gets what a later request would.
+        return _error(409, "This conflicts with a record written at the same time (the name exists now).",
+                      "invalid_request_error", "conflict")
 
     @app.get("/admin/teams", response_model=list[TeamOut])
     def list_teams(_: Admin) -> list[TeamOut]:

@@ -92,7 +92,8 @@ def keys_create(team: Annotated[str, typer.Option(help="The team that owns the k
 
     try:
         created = _accounts(config, database_url).create_key(
-            KeySpec(team=team, name=name, is_admin=admin, **_limits(rpm, tpm, daily_tokens, monthly_tokens)))
+            _validated(KeySpec, dict(team=team, name=name, is_admin=admin,
+                                     **_limits(rpm, tpm, daily_tokens, monthly_tokens))))
     except SovereignError as exc:
         _fail(exc)
     if as_json:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -79,6 +80,7 @@ class Directory:
         self._subjects = subjects
         self._keys: dict[str, KeyEntry] = {}
         self._generation = -1
+        self._reload_lock = threading.Lock()
         self._task: asyncio.Task | None = None
         self.loaded = False
 
@@ -91,13 +93,16 @@ class Directory:
         return entry
 
     def reload_if_changed(self) -> bool:
-        generation = read_generation(self.engine)
-        if generation == self._generation and self.loaded:
-            return False
-        self._keys = self._load()
-        self._generation = generation
-        self.loaded = True
-        return True
+        # The refresh thread and an admin request's thread both reload: unserialized, an older snapshot could land
+        # last yet carry the newer generation, and a revoked key would then work until the next change.
+        with self._reload_lock:
+            generation = read_generation(self.engine)
+            if generation == self._generation and self.loaded:
+                return False
+            self._keys = self._load()
+            self._generation = generation
+            self.loaded = True
+            return True
 
     def _load(self) -> dict[str, KeyEntry]:
         with Session(self.engine) as s:

@@ -25,6 +25,7 @@ import aiohttp
 import orjson
 
 from gateway import errors as E
+from gateway.accounts import MAX_INT32
 from gateway.audit import AuditRecord
 from gateway.config import GatewayConfig
 from gateway.directory import Directory, KeyEntry
@@ -103,8 +104,9 @@ def _int_field(body: dict, name: str, minimum: int) -> None:
     value = body.get(name)
     if value is None:
         return
-    if type(value) is not int or value < minimum:
-        raise E.invalid_request(f"`{name}` must be an integer >= {minimum}, got {value!r}"[:300], param=name)
+    if type(value) is not int or not minimum <= value <= MAX_INT32:  # reservations stay exact in Redis's Lua
+        raise E.invalid_request(f"`{name}` must be an integer from {minimum} to {MAX_INT32}, got {value!r}"[:300],
+                                param=name)
 
 
 def validate(body: Any, kind: str) -> str:

@@ -39,8 +39,8 @@ def validate(body: dict) -> None:
     if body.get("stream") is not None and not isinstance(body["stream"], bool):
         raise E.invalid_request("`stream` must be a boolean.", param="stream")
     value = body.get("max_output_tokens")
-    if value is not None and (type(value) is not int or value < 1):
-        raise E.invalid_request(f"`max_output_tokens` must be an integer >= 1, got {value!r}"[:300],
+    if value is not None and (type(value) is not int or not 1 <= value <= 2**31 - 1):
+        raise E.invalid_request(f"`max_output_tokens` must be an integer from 1 to {2**31 - 1}, got {value!r}"[:300],
                                 param="max_output_tokens")
 
 

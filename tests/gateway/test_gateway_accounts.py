@@ -11,6 +11,7 @@ import pytest
 
 from gateway.accounts import hash_secret
 from tests.conftest import run_sovereign
+from tests.gateway.gw_stores import pg_url, sqlite_url  # noqa: F401  (fixtures)
 
 USER = [{"role": "user", "content": "hello"}]
 
@@ -107,3 +108,45 @@ def test_cli_manages_teams_and_keys_on_the_gateways_database(gw, tmp_path):
     assert bad.returncode == 2 and "pii" in bad.stderr
     gone = run_sovereign(tmp_path, "keys", "revoke", "key_nope", *db, check=False)
     assert gone.returncode == 2 and "key_not_found" in gone.stderr
+
+
+@pytest.mark.parametrize("store", ["sqlite_url", "pg_url"])
+def test_admin_values_no_database_can_hold_are_400_not_500(request, store):
+    from fastapi.testclient import TestClient
+
+    from gateway.accounts import Accounts, KeySpec, TeamSpec
+    from gateway.admin import build_admin_app
+    from gateway.db import init_db, make_engine
+    from gateway.directory import Directory
+
+    engine = make_engine(request.getfixturevalue(store))
+    init_db(engine)
+    accounts, directory = Accounts(engine), Directory(engine)
+    accounts.create_team(TeamSpec(name="admin"))
+    secret = accounts.create_key(KeySpec(team="admin", is_admin=True)).secret
+    directory.reload_if_changed()
+    c = TestClient(build_admin_app(accounts, directory), raise_server_exceptions=False,
+                   headers={"Authorization": f"Bearer {secret}"})
+    for method, path, body in [
+        ("POST", "/admin/teams", {"name": "t1", "requests_per_minute": 2**31}),
+        ("POST", "/admin/teams", {"name": "t2", "max_tokens": 2**31}),
+        ("POST", "/admin/teams", {"name": "t3", "daily_tokens": 2**63}),
+        ("POST", "/admin/teams", {"name": "t4", "allowed_models": ["a\u0000b"]}),
+        ("POST", "/admin/keys", {"team": "admin", "name": "x\u0000y"}),
+        ("POST", "/admin/keys", {"team": "admin", "tokens_per_minute": 2**63}),
+        ("PATCH", "/admin/teams/admin", {"requests_per_minute": 2**40}),
+        ("GET", "/admin/teams/a%00b", None),
+        ("POST", "/admin/keys/a%00b/revoke", None),
+    ]:
+        r = c.request(method, path, json=body)
+        assert 400 <= r.status_code < 500 and r.json()["error"]["message"], (method, path, body, r.text)
+    r = c.post("/admin/teams", content=b"{bad json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] is None
+    assert "not valid JSON" in r.json()["error"]["message"]
+    engine.dispose()
+
+
+def test_cli_refuses_a_bad_limit_with_a_message(gw, tmp_path):
+    url = gw.app.config.resolved_database_url()
+    out = run_sovereign(tmp_path, "keys", "create", "--team", "t", "--rpm", "0", "--database-url", url, check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "requests_per_minute" in out.stderr

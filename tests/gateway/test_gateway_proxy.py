@@ -325,3 +325,11 @@ def test_https_replicas_signed_by_a_private_ca(start_gateway, tmp_path):
         with pytest.raises(openai.InternalServerError) as err:
             untrusting.client(untrusting.key()).chat.completions.create(model="fake-model", messages=USER)
         assert err.value.status_code == 503 and fake.hits == hits
+
+
+@pytest.mark.parametrize("path,field", [("/v1/chat/completions", "max_tokens"), ("/v1/chat/completions", "n"),
+                                        ("/v1/responses", "max_output_tokens")])
+def test_counts_beyond_32_bits_are_400(gw, path, field):
+    body = {"model": "fake-model", "messages": USER, "input": "hi", field: 2**40}
+    r = httpx.post(f"{gw.url}{path}", headers={"Authorization": f"Bearer {gw.key()}"}, json=body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == field
