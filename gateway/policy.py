@@ -108,7 +108,7 @@ def apply_policy(policy: TeamPolicy, body: dict, kind: str) -> PolicyOutcome:
     field_ = "input" if kind == "embeddings" else "prompt"
     if kind == "embeddings":
         max_tokens = None
-        texts = _completion_texts(body, "input")
+        texts = _completion_texts(body, field_)
     elif kind == "responses":
         max_tokens = _cap_max_tokens(body, policy.max_tokens, decisions, ("max_output_tokens",))
         texts = responses_api.texts(body)

@@ -25,6 +25,7 @@ import aiohttp
 import orjson
 
 from gateway import errors as E
+from gateway import responses_api
 from gateway.accounts import MAX_INT32
 from gateway.audit import AuditRecord
 from gateway.config import GatewayConfig
@@ -32,10 +33,8 @@ from gateway.directory import Directory, KeyEntry
 from gateway.metrics import GatewayMetrics
 from gateway.policy import PolicyOutcome, apply_policy
 from gateway.quotas import QuotaExceeded, QuotaUnavailable
-from gateway import responses_api
-from gateway.responses_api import ResponseEvents
 from gateway.routing import Replica, Router
-from gateway.upstream import Pool, Response, UpstreamError
+from gateway.upstream import Pool, Response, UpstreamError, event_json
 
 log = logging.getLogger("sovereign.gateway.access")
 
@@ -139,6 +138,7 @@ def validate(body: Any, kind: str) -> str:
             raise E.invalid_request("`input` must be a string or a non-empty array.", param="input")
     elif kind == "responses":
         responses_api.validate(body)
+        _int_field(body, "max_output_tokens", 1)
         return model
     if kind != "embeddings":
         stream = body.get("stream")
@@ -300,7 +300,7 @@ class Proxy:
                 if resp.status != 200:
                     await self._relay_upstream_error(send, ex, resp, scope["path"])
                 elif stream:
-                    events = (ResponseEvents(ex) if ex.kind == "responses"
+                    events = (responses_api.ResponseEvents(ex) if ex.kind == "responses"
                               else _ChatEvents(ex, client_wants_usage))
                     await self._relay_stream(receive, send, ex, resp, events)
                 else:
@@ -617,17 +617,6 @@ def _keep(mode: str, text: str | None) -> str | None:
     return pii.redact(text)[0]
 
 
-def _event_json(event: bytes) -> dict | None:
-    start = event.find(b"{")
-    if start < 0:
-        return None
-    try:
-        obj = orjson.loads(event[start:])
-    except orjson.JSONDecodeError:
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
 class _ChatEvents:
     """A chat or text completion stream: `data: {...}` chunks, the usage-only chunk the gateway asked for, `[DONE]`."""
 
@@ -646,7 +635,7 @@ class _ChatEvents:
             self.done = True
             return False
         if b'"usage":{' in event:
-            obj = _event_json(event)
+            obj = event_json(event)
             if obj is not None and isinstance(obj.get("usage"), dict):
                 ex = self.ex
                 ex.prompt_tokens = int(obj["usage"].get("prompt_tokens") or ex.prompt_tokens)
@@ -669,7 +658,7 @@ class _ChatEvents:
 
 
 def _collect_text(event: bytes, parts: list[str]) -> None:
-    obj = _event_json(event)
+    obj = event_json(event)
     if obj is None:
         return
     for choice in obj.get("choices") or ():

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from gateway import errors as E
+from gateway.upstream import event_json
 
 PATH = "/v1/responses"
 FINAL = (b"response.completed", b"response.incomplete", b"response.failed", b"error")
@@ -38,10 +39,6 @@ def validate(body: dict) -> None:
         raise E.invalid_request("`instructions` must be a string.", param="instructions")
     if body.get("stream") is not None and not isinstance(body["stream"], bool):
         raise E.invalid_request("`stream` must be a boolean.", param="stream")
-    value = body.get("max_output_tokens")
-    if value is not None and (type(value) is not int or not 1 <= value <= 2**31 - 1):
-        raise E.invalid_request(f"`max_output_tokens` must be an integer from 1 to {2**31 - 1}, got {value!r}"[:300],
-                                param="max_output_tokens")
 
 
 def texts(body: dict) -> list[tuple[Any, str | int, str]]:
@@ -84,17 +81,6 @@ def output_texts(response: dict) -> list[str]:
     return out
 
 
-def _data(event: bytes) -> dict | None:
-    start = event.find(b"data: ")
-    if start < 0:
-        return None
-    try:
-        obj = orjson.loads(event[start + 6:])
-    except orjson.JSONDecodeError:
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
 class ResponseEvents:
     """One Responses stream as it passes: text and usage for the audit and quotas, the final event held back."""
 
@@ -113,12 +99,12 @@ class ResponseEvents:
         kind = event[7:event.find(b"\n")].strip() if event.startswith(b"event: ") else b""
         if kind.endswith(b".delta"):  # text, reasoning, tool-call arguments: a token each, billed if cut off
             self.chunks += 1
-            if kind == DELTA and self.parts is not None and (obj := _data(event)) is not None \
+            if kind == DELTA and self.parts is not None and (obj := event_json(event)) is not None \
                     and isinstance(obj.get("delta"), str):
                 self.parts.append(obj["delta"])
             return True
         if kind in FINAL:
-            obj = _data(event)
+            obj = event_json(event)
             response = obj.get("response") if obj is not None else None
             if isinstance(response, dict) and (counts := usage(response)) is not None:
                 self.ex.prompt_tokens, self.ex.completion_tokens = counts

@@ -18,6 +18,7 @@ from collections import deque
 from urllib.parse import urlsplit
 
 import httptools
+import orjson
 
 _MAX_BUFFER = 1 << 20  # pause reading from the replica past this much unread body
 
@@ -261,3 +262,15 @@ class Pool:
         for conn in self._idle:
             conn.close()
         self._idle.clear()
+
+
+def event_json(event: bytes) -> dict | None:
+    """The JSON object of one server-sent event (`data: {...}`, after an `event:` line or not), or None."""
+    start = event.find(b"{")
+    if start < 0:
+        return None
+    try:
+        obj = orjson.loads(event[start:])
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
