@@ -27,11 +27,21 @@ def register_audit(app: typer.Typer) -> None:
     def verify_cmd(
         database_url: str = typer.Option(None, "--database-url", envvar="SOVEREIGN_GATEWAY_DATABASE_URL",
                                          help=_DB_HELP),
+        file: Path = typer.Option(None, "--file", "-f", exists=True, dir_okay=False,
+                                  help="Check an `audit export` file instead of the database"),
+        anchor: str = typer.Option(None, "--anchor", help="With --file from `export --since`: the hash of the record "
+                                                          "before its first, from an earlier export"),
     ) -> None:
         """Walk the hash chain; exit 1 naming the first edited, missing or reordered record."""
-        from gateway.audit import verify
+        from gateway.audit import AuditError, verify, verify_jsonl
 
-        result = verify(_db_url(database_url))
+        if anchor is not None and file is None:
+            raise typer.BadParameter("--anchor checks an export file: give --file too", param_hint="--anchor")
+        try:
+            result = verify_jsonl(file, anchor) if file is not None else verify(_db_url(database_url))
+        except AuditError as exc:
+            typer.echo(f"error [{exc.code}]: {exc}", err=True)
+            raise typer.Exit(2) from None
         if result.ok:
             typer.echo(f"OK: {result.reason}")
             return

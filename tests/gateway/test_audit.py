@@ -271,6 +271,59 @@ def test_export_since_filters_by_time(sqlite_url):  # noqa: F811
     assert export(sqlite_url, io.StringIO(), since=1_700_000_000.0 + 5 * 3600) == 5
 
 
+def test_export_since_is_a_contiguous_piece_of_the_chain_that_verifies_against_its_anchor(sqlite_url, tmp_path):  # noqa: F811
+    # Records are written when requests end: record 3 is a long request that arrived before the cut-off, among later
+    # ones. It is exported with them, or the piece would have a hole no verifier could tell from a deletion.
+    arrivals = [0, 1, 2, 0.5, 3, 4, 5]
+    async def go():
+        log = open_audit_log(sqlite_url)
+        for i, hours in enumerate(arrivals):
+            await log.append(rec(i, ts=1_700_000_000.0 + hours * 3600))
+        await log.close()
+
+    asyncio.run(go())
+    full, piece = tmp_path / "full.jsonl", tmp_path / "piece.jsonl"
+    export(sqlite_url, full)
+    assert export(sqlite_url, piece, since=1_700_000_000.0 + 1 * 3600) == 6
+    ids = [json.loads(line)["id"] for line in piece.read_text().splitlines()]
+    assert ids == [2, 3, 4, 5, 6, 7]
+    result = verify_jsonl(piece)
+    assert result.ok and result.count == 6 and "records 2..7" in result.reason and "earlier export" in result.reason
+    anchor = json.loads(full.read_text().splitlines()[0])["hash"]
+    assert verify_jsonl(piece, anchor).ok
+    wrong = verify_jsonl(piece, "f" * 64)
+    assert not wrong.ok and wrong.first_bad_id == 2 and "anchor" in wrong.reason
+    lines = piece.read_text().splitlines()
+    del lines[2]
+    piece.write_text("\n".join(lines) + "\n")
+    holed = verify_jsonl(piece, anchor)
+    assert not holed.ok and holed.first_bad_id == 4 and "missing" in holed.reason
+    assert export(sqlite_url, io.StringIO(), since=1_700_000_000.0 + 99 * 3600) == 0
+
+
+@pytest.mark.parametrize("line", [b"[1]\n", b"{}\n", b'{"id": "1"}\n', b"\xff\xfe\n", b"not json\n"])
+def test_a_file_that_is_not_an_export_is_refused_with_its_line(tmp_path, line):
+    from gateway.audit import AuditError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(line)
+    with pytest.raises(AuditError, match=r"bad.jsonl:1: not an audit export line") as err:
+        verify_jsonl(bad)
+    assert err.value.code == "invalid_export"
+
+
+def test_sqlite_audit_commits_write_no_index_pages(sqlite_url, pg_url):  # noqa: F811
+    # Each index is one more WAL page in every lone record's fsynced commit; PostgreSQL shares commits and keeps its.
+    execute(sqlite_url, "CREATE TABLE audit_log (id INTEGER PRIMARY KEY, ts FLOAT, request_id VARCHAR(128))",
+            "CREATE INDEX ix_audit_log_ts ON audit_log (ts)", "CREATE INDEX ix_audit_log_request_id ON audit_log "
+            "(request_id)")  # a trail from before: its indexes go when it is opened
+    asyncio.run(open_audit_log(sqlite_url).close())
+    assert not sa.inspect(sa.create_engine(sqlite_url)).get_indexes("audit_log")
+    asyncio.run(open_audit_log(pg_url).close())
+    names = {ix["name"] for ix in sa.inspect(sa.create_engine(pg_url)).get_indexes("audit_log")}
+    assert names == {"ix_audit_log_ts", "ix_audit_log_request_id"}
+
+
 def test_verify_an_empty_or_missing_trail(sqlite_url, tmp_path):  # noqa: F811
     result = verify(f"sqlite:///{tmp_path / 'nothing.db'}")
     assert not result.ok and "no audit trail" in result.reason
@@ -302,6 +355,18 @@ def test_audit_cli_verify_and_export(sqlite_url, tmp_path):  # noqa: F811
     assert bad.exit_code == 1 and "record 3" in bad.output
     since = runner.invoke(app, ["audit", "export", "--database-url", sqlite_url, "--since", "last week"])
     assert since.exit_code == 2 and "invalid_since" in since.output
+    fine = runner.invoke(app, ["audit", "verify", "--file", str(out)])
+    assert fine.exit_code == 0 and "12 records, chain intact" in fine.output
+    lines = out.read_text().splitlines()
+    anchor = json.loads(lines[3])["hash"]
+    out.write_text("\n".join(lines[4:]) + "\n")  # what `export --since` writes: records 5..12
+    piece = runner.invoke(app, ["audit", "verify", "--file", str(out), "--anchor", anchor])
+    assert piece.exit_code == 0 and "records 5..12" in piece.output and "given anchor" in piece.output
+    unpinned = runner.invoke(app, ["audit", "verify", "--anchor", anchor])
+    assert unpinned.exit_code == 2 and "--file" in unpinned.output
+    out.write_text("garbage\n")
+    garbage = runner.invoke(app, ["audit", "verify", "--file", str(out)])
+    assert garbage.exit_code == 2 and "invalid_export" in garbage.output
 
 
 def test_two_processes_appending_concurrently_keep_one_valid_chain(db_url):
