@@ -15,12 +15,18 @@ from gateway.errors import content_policy, invalid_request
 from gateway.injection import detect_injection
 
 
+Triple = tuple[Any, str | int, str]  # (container, key, text): where a text is, so redaction writes back in place
+
+
 @dataclass(slots=True)
 class PolicyOutcome:
     prompt_text: str  # the prompt as forwarded upstream (redacted when the policy redacts)
     max_tokens: int | None  # the effective completion budget, None when neither request nor policy sets one
     decisions: dict[str, Any] = field(default_factory=dict)
     token_ids: int = 0  # prompt tokens sent as ids rather than text (counted, not read)
+
+
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})  # OpenAI's, as vLLM takes them
 
 
 def _chat_texts(body: dict) -> list[tuple[Any, str | int, str]]:
@@ -30,6 +36,13 @@ def _chat_texts(body: dict) -> list[tuple[Any, str | int, str]]:
     for i, m in enumerate(body["messages"]):
         if not isinstance(m, dict):
             raise invalid_request(f"messages[{i}] must be an object with `role` and `content`", param=f"messages.{i}")
+        role = m.get("role")
+        if type(role) is not str or role not in _ROLES:
+            # The template writes the role into the prompt as it is: any other string is text no policy reads.
+            raise invalid_request(f"messages[{i}].role must be one of {', '.join(sorted(_ROLES))}; got "
+                                  f"{str(role)[:40]!r}", param=f"messages.{i}.role")
+        if isinstance(m.get("name"), str):  # a participant's name, rendered beside its message
+            out.append((m, "name", m["name"]))
         calls = m.get("tool_calls")
         for call in calls if isinstance(calls, list) else ():
             fn = call.get("function") if isinstance(call, dict) else None
@@ -55,6 +68,63 @@ def _chat_texts(body: dict) -> list[tuple[Any, str | int, str]]:
         if isinstance(doc, dict):
             out.extend((doc, k, v) for k, v in doc.items() if isinstance(v, str))
     return out
+
+
+_SCHEMA_DEPTH = 64  # generated schemas nest a few levels ($defs keep them flat); the bound keeps recursion shallow
+# A schema's `type` values: the most frequent strings in any tool list, and never personal data.
+_SCHEMA_TYPES = frozenset({"string", "number", "integer", "boolean", "object", "array", "null"})
+
+
+def _tool_texts(body: dict, kind: str) -> tuple[list[Triple], dict[str, str]]:
+    """What the chat template shows the model of the request's tools: each function's description and every string
+    of its JSON schema as (container, key, text), and the schemas' property names as {name: where}.
+
+    Tool names are left out: redacted, they would no longer match the model's tool calls. Property names cannot be
+    redacted either (`required` and the model's arguments name them), so they are returned apart for a verdict.
+    A shape vLLM would refuse (tools not a list, a tool not an object, ...) is skipped: its 400 is relayed."""
+    texts: list[Triple] = []
+    names: dict[str, str] = {}
+    tools = body.get("tools")
+    for i, tool in enumerate(tools if isinstance(tools, list) else ()):
+        if not isinstance(tool, dict):
+            continue
+        if kind == "responses":  # flat: {"type": "function", "name", "description", "parameters"}
+            _function_texts(tool, f"tools[{i}]", texts, names)
+        elif isinstance(tool.get("function"), dict):
+            _function_texts(tool["function"], f"tools[{i}].function", texts, names)
+    legacy = body.get("functions") if kind == "chat" else None
+    for i, fn in enumerate(legacy if isinstance(legacy, list) else ()):
+        if isinstance(fn, dict):
+            _function_texts(fn, f"functions[{i}]", texts, names)
+    return texts, names
+
+
+def _function_texts(fn: dict, where: str, texts: list[Triple], names: dict[str, str]) -> None:
+    if isinstance(fn.get("description"), str):
+        texts.append((fn, "description", fn["description"]))
+    if isinstance(fn.get("parameters"), dict):
+        _schema_texts(fn["parameters"], f"{where}.parameters", 0, texts, names)
+
+
+def _schema_texts(node: dict | list, where: str, depth: int, texts: list[Triple], names: dict[str, str]) -> None:
+    """Every string in a schema, whatever its keyword (description, title, enum, default, examples, const, ...):
+    the template renders the schema whole."""
+    if depth >= _SCHEMA_DEPTH:
+        raise invalid_request(f"`{where}` is nested more than {_SCHEMA_DEPTH} levels deep.", param=_param(where))
+    pairs = node.items() if isinstance(node, dict) else enumerate(node)
+    for key, value in pairs:
+        if isinstance(key, str):
+            names.setdefault(key, where)
+        if isinstance(value, str):
+            if not (key == "type" and value in _SCHEMA_TYPES):
+                texts.append((node, key, value))
+        elif isinstance(value, (dict, list)):
+            _schema_texts(value, where, depth + 1, texts, names)
+
+
+def _param(where: str) -> str:
+    """`tools[0].function.parameters` as the error's `param`, in the dotted form the other refusals use."""
+    return where.replace("[", ".").replace("]", "")
 
 
 def _completion_texts(body: dict, field: str = "prompt") -> list[tuple[Any, str | int, str]]:
@@ -101,9 +171,26 @@ def _blocked(message: str, decisions: dict) -> Exception:
     return exc
 
 
+def _refuse_personal_names(names: dict[str, str], decisions: dict) -> None:
+    """pii=redact cannot rewrite a schema's property name (`required` and the model's arguments name it), nor let
+    it through: the client must rename it."""
+    from sovereign import pii
+
+    for name, where in names.items():
+        kinds = sorted({m.kind for m in pii.find_pii(name)})
+        if kinds:
+            decisions["pii"] = {"action": "refused", "kinds": kinds}
+            exc = invalid_request(f"`{where}` has a property name containing personal data ({', '.join(kinds)}); "
+                                  f"rename it: a name cannot be redacted without breaking the schema and the "
+                                  f"model's tool calls.", param=_param(where))
+            exc.decisions = decisions  # type: ignore[attr-defined]  # so the audit record says why
+            raise exc
+
+
 def apply_policy(policy: TeamPolicy, body: dict, kind: str) -> PolicyOutcome:
     """Apply `policy` to `body` (chat, completions, embeddings or responses) in place; raises 400
-    content_policy_violation."""
+    content_policy_violation, or 400 invalid_request where pii=redact meets personal data it cannot rewrite (a tool
+    schema's property name)."""
     decisions: dict[str, Any] = {}
     field_ = "input" if kind == "embeddings" else "prompt"
     if kind == "embeddings":
@@ -115,22 +202,28 @@ def apply_policy(policy: TeamPolicy, body: dict, kind: str) -> PolicyOutcome:
     else:
         max_tokens = _cap_max_tokens(body, policy.max_tokens, decisions)
         texts = _chat_texts(body) if kind == "chat" else _completion_texts(body)
+    names: dict[str, str] = {}
+    if kind in ("chat", "responses") and ("tools" in body or "functions" in body):
+        tool_texts, names = _tool_texts(body, kind)
+        texts += tool_texts
     token_ids = 0 if kind in ("chat", "responses") else _token_ids(body, field_)
     if token_ids and (policy.pii != "off" or policy.injection == "block"):
         # The gateway has no tokenizer: ids cannot be checked for personal data or injection, so they cannot pass.
         raise invalid_request(f"This team's policy reads prompts (pii={policy.pii}, injection={policy.injection}), "
                               f"so `{field_}` must be text, not token ids.", param=field_)
 
-    if policy.pii != "off" and texts:
+    if policy.pii != "off" and (texts or names):
         from sovereign import pii
 
         if policy.pii == "block":
-            kinds = sorted({m.kind for _, _, t in texts for m in pii.find_pii(t)})
+            kinds = sorted({m.kind for _, _, t in texts for m in pii.find_pii(t)}
+                           | {m.kind for name in names for m in pii.find_pii(name)})
             if kinds:
                 decisions["pii"] = {"action": "blocked", "kinds": kinds}
                 raise _blocked(f"The request contains personal data ({', '.join(kinds)}) and this team's policy "
                                f"blocks it; remove it or ask an admin for pii=redact.", decisions)
         else:
+            _refuse_personal_names(names, decisions)
             counts: dict[str, int] = {}
             redacted = []
             for container, key, text in texts:

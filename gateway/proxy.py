@@ -294,7 +294,10 @@ class Proxy:
             await self._reserve(ex, estimate + per_choice * choices)
         ex.prompt_tokens = estimate  # replaced by the upstream's count when it reports usage
         try:
-            payload = orjson.dumps(body)
+            try:
+                payload = orjson.dumps(body)
+            except orjson.JSONEncodeError:  # parsed (orjson reads 1,024 levels) but not re-encodable (it writes 255)
+                raise E.invalid_request("The request body is nested more than 255 levels deep.") from None
             replica, resp = await self._open_upstream(ex, candidates, scope["path"], payload)
             try:
                 if resp.status != 200:

@@ -42,7 +42,8 @@ def validate(body: dict) -> None:
 
 
 def texts(body: dict) -> list[tuple[Any, str | int, str]]:
-    """(container, key, text) for every text the model will read, so redaction can write back in place."""
+    """(container, key, text) for every text the model will read, so redaction can write back in place. `tools` are
+    read by the policy, which handles them alike for chat completions."""
     out: list[tuple[Any, str | int, str]] = []
     if isinstance(body.get("instructions"), str):
         out.append((body, "instructions", body["instructions"]))
@@ -51,6 +52,9 @@ def texts(body: dict) -> list[tuple[Any, str | int, str]]:
         out.append((body, "input", inp))
         return out
     for item in inp:
+        # A message's participant name; other items' `name` is a tool's, which must still match its definition.
+        if item.get("type", "message") == "message" and isinstance(item.get("name"), str):
+            out.append((item, "name", item["name"]))
         # message content; function_call_output's output; function_call's arguments; custom_tool_call's input;
         # a reasoning item's summary: each a string or a list of parts with `text`.
         for key in ("content", "output", "arguments", "input", "summary"):

@@ -56,6 +56,24 @@ def test_policy_reads_instructions_and_every_input_item(gw, upstream):
     assert upstream.requests[-1]["max_output_tokens"] == 5  # set when the request names none
 
 
+def test_policy_reads_function_tools_and_leaves_tool_names_and_other_tools_alone(gw, upstream):
+    tools = [{"type": "web_search"},
+             {"type": "function", "name": "lookup", "description": PII_TEXT, "parameters": {
+                 "type": "object", "properties": {"phone": {"type": "string", "enum": ["13812345678"]}},
+                 "required": ["phone"]}}]
+    c = gw.client(gw.key("careful", pii="redact", audit_content="redacted"))
+    c.responses.create(model="fake-model", input="look me up", tools=tools)
+    sent = upstream.requests[-1]["tools"]
+    assert "13812345678" not in json.dumps(sent) and "li.lei@example.com" not in json.dumps(sent)
+    assert "[PHONE]" in sent[1]["description"] and sent[1]["parameters"]["properties"]["phone"]["enum"] == ["[PHONE]"]
+    assert sent[0] == tools[0] and sent[1]["name"] == "lookup" and sent[1]["parameters"]["required"] == ["phone"]
+    row = audit_rows(gw)[-1]
+    assert row["policy"]["pii"]["counts"] == {"phone": 2, "email": 1} and "13812345678" not in row["prompt"]
+    with pytest.raises(openai.BadRequestError) as err:
+        gw.client(gw.key("strict", pii="block")).responses.create(model="fake-model", input="hi", tools=tools)
+    assert err.value.body["code"] == "content_policy_violation"
+
+
 def test_max_output_tokens_is_reserved_against_the_budget(gw):
     c = gw.client(gw.key("small", limits={"daily_tokens": 50}))
     with pytest.raises(openai.RateLimitError) as err:
@@ -82,6 +100,7 @@ def test_no_state_is_kept_between_requests(gw):
     {"type": "reasoning", "id": "r1", "summary": [{"type": "summary_text", "text": PII_TEXT}]},
     {"type": "custom_tool_call", "call_id": "c2", "name": "shell", "input": PII_TEXT},
     {"role": "developer", "content": PII_TEXT},
+    {"type": "message", "role": "user", "name": "li.lei@example.com", "content": "hi"},
 ])
 def test_every_input_item_shape_is_read_by_the_policy(item):
     from gateway.directory import TeamPolicy
