@@ -38,6 +38,9 @@ class DataSettings(_Section):
     columns: dict[str, str] = Field(default_factory=dict)  # CSV column mapping, e.g. {"user": "question", ...}
     validation_fraction: float = Field(0.1, gt=0, lt=1)
     scrub_pii: bool = True
+    # Refuse the data, naming the lines, where it holds personal data, instead of scrubbing it: what a gateway job of
+    # a team whose policy is pii=block gets.
+    refuse_pii: bool = False
     dedup: bool = True
     # 0.85 on 5-character shingles: a one-character edit of a two-exchange chat is still caught (measured on the
     # generated sample set); two different chats from the same template stay apart.

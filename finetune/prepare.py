@@ -48,6 +48,7 @@ class PrepareOptions(BaseModel):
     validation_fraction: float = Field(0.1, gt=0, lt=1)
     on_invalid: Literal["fail", "drop"] = "fail"
     scrub_pii: bool = True
+    refuse_pii: bool = False
     dedup: bool = True
     near_duplicate_threshold: float = Field(0.85, gt=0, le=1)
     seed: int = 0
@@ -219,6 +220,17 @@ def _read(run: _Run, path: Path, role: Literal["train", "validation"]) -> list[R
     return checked.rows
 
 
+def _refuse_pii(run: _Run, part: ScrubReport, file: str) -> None:
+    """The lines and kinds, never the values (the report is kept and shown)."""
+    kinds = ", ".join(f"{k} {n}" for k, n in part.counts.items() if n)
+    problems = [Problem(line=line, code="pii_found", message="personal data; this team's policy refuses it",
+                        file=file if run.two_files else None) for line in part.changed_lines]
+    run.report.problems += problems
+    raise DataInvalid(f"{file}: personal data ({kinds}) on {len(problems)} rows and this team's policy blocks it; "
+                      f"remove it, or ask an admin for pii=redact (scrubbed before training): {summarize(problems)}",
+                      problems)
+
+
 def _stages(run: _Run, train_path: Path, validation_path: Path | None,
             model_dir: Path) -> tuple[list[Row], list[Row]]:
     opts, report, hooks = run.options, run.report, run.hooks
@@ -228,10 +240,12 @@ def _stages(run: _Run, train_path: Path, validation_path: Path | None,
     report.stages["read"] = sum(i.records for i in report.inputs)
     report.stages["valid_structure"] = sum(len(rows) for rows in sets.values())
 
-    if opts.scrub_pii:
+    if opts.scrub_pii or opts.refuse_pii:
         total = ScrubReport()
         for name, rows in sets.items():
             scrubbed, part = scrub_rows(rows, hooks.stage(f"scrubbing PII ({name})", len(rows)))
+            if opts.refuse_pii and part.changed_lines:
+                _refuse_pii(run, part, (train_path if name == "train" else validation_path).name)
             # scrub_rows rebuilds rows from line and data alone; keep each row's record, its identity in an array.
             sets[name] = [replace(row, data=new.data) for row, new in zip(rows, scrubbed, strict=True)]
             for kind, n in part.counts.items():

@@ -252,3 +252,25 @@ def test_a_compact_json_array_prepares_and_splits_like_any_file(models_dir, tmp_
     if dedup:
         assert [(r.line, r.record, r.duplicate_of_record, r.kind) for r in report.dedup.removed] == [
             (1, 7, 1, "exact")]
+
+
+def test_refuse_pii_names_the_lines_and_kinds_never_the_values_and_writes_nothing(models_dir, tmp_path):
+    # A gateway job of a team whose policy is pii=block: its data is refused, not scrubbed into a model.
+    rows = [{"messages": [{"role": "user", "content": "Where is my order?"},
+                          {"role": "assistant", "content": "It ships today."}]},
+            {"messages": [{"role": "user", "content": "Call me on 13812345678 please."},
+                          {"role": "assistant", "content": "Will do."}]},
+            {"messages": [{"role": "user", "content": "Mail li.lei@example.com"},
+                          {"role": "assistant", "content": "Sent."}]}]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows * 4), encoding="utf-8")
+    out = tmp_path / "out"
+    with pytest.raises(DataInvalid) as err:
+        prepare(src, out, model=DEFAULT_MODEL, models_dir=models_dir,
+                options=PrepareOptions(refuse_pii=True, scrub_pii=False))
+    message = str(err.value)
+    assert "policy blocks it" in message and "line 2: pii_found" in message and "line 3: pii_found" in message
+    assert "phone 4" in message and "email 4" in message
+    assert "13812345678" not in message and "li.lei" not in message
+    assert [p.line for p in err.value.problems][:4] == [2, 3, 5, 6]
+    assert not (out / "train.jsonl").exists()
