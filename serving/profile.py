@@ -42,6 +42,8 @@ _OWNED_FLAGS = {
     "--gpu-memory-utilization": "gpu_memory_utilization", "--device-memory-utilization": "gpu_memory_utilization",
     "--kernel-config": "cpu_rms_norm",
     "--enable-lora": "enable_lora", "--no-enable-lora": "enable_lora",
+    "--enable-auto-tool-choice": "tool_call_parser", "--no-enable-auto-tool-choice": "tool_call_parser",
+    "--tool-call-parser": "tool_call_parser", "--reasoning-parser": "reasoning_parser",
     "--max-loras": "max_loras", "--max-lora-rank": "max_lora_rank", "--max-cpu-loras": "max_cpu_loras",
 }
 
@@ -87,6 +89,13 @@ class ServingProfile(YamlSettings):
     # CPU backend, float32 models: "float16" keeps the linear layers' weights as float16 and computes with PyTorch's
     # fbgemm kernels (serving/cpu_linear_ops.py: half the bytes read per step), "float32" leaves them to vLLM.
     cpu_linear_weights: Literal["float16", "float32"] = "float16"
+
+    # Tool calling: vLLM's parser for the served model's tool-call format (hermes, llama3_json, mistral, qwen3_xml,
+    # ...). Set, `tool_choice: "auto"` works (vLLM's --enable-auto-tool-choice); a named or required tool works
+    # without it. An unknown name stops vLLM at start with its list of parsers, which health and `up` show.
+    tool_call_parser: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    # Reasoning models: vLLM's parser that moves the thinking out of `content` (deepseek_r1, qwen3, ...).
+    reasoning_parser: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
 
     extra_args: list[str] = Field(default_factory=list)
     extra_env: dict[str, str] = Field(default_factory=dict)  # further vLLM/OpenMP variables, applied last
@@ -166,6 +175,10 @@ class ServingProfile(YamlSettings):
             first = [NORM_PROVIDER]  # vLLM appends its own native implementation behind it
             args += ["--kernel-config", json.dumps({"ir_op_priority": {"rms_norm": first,
                                                                        "fused_add_rms_norm": first}})]
+        if self.tool_call_parser is not None:
+            args += ["--enable-auto-tool-choice", "--tool-call-parser", self.tool_call_parser]
+        if self.reasoning_parser is not None:
+            args += ["--reasoning-parser", self.reasoning_parser]
         if self.enable_lora:
             args += ["--enable-lora", "--max-loras", str(self.max_loras), "--max-lora-rank", str(self.max_lora_rank)]
             if self.max_cpu_loras is not None:

@@ -135,6 +135,8 @@ def test_port_and_health_port_must_differ(tmp_path):
     (["--no-enforce-eager"], "enforce_eager"),
     (["-tp", "2"], "tensor_parallel_size"),
     (["--device-memory-utilization", "0.5"], "gpu_memory_utilization"),
+    (["--enable-auto-tool-choice", "--tool-call-parser", "hermes"], "tool_call_parser"),
+    (["--reasoning-parser", "qwen3"], "reasoning_parser"),
 ])
 def test_extra_args_may_not_set_a_flag_the_profile_owns(tmp_path, extra, field):
     bad = tmp_path / "owned.yaml"
@@ -147,6 +149,16 @@ def test_extra_args_may_not_set_a_flag_the_profile_owns(tmp_path, extra, field):
 def test_extra_args_the_profile_does_not_own_pass_through():
     p = ServingProfile(extra_args=["--max-logprobs", "5", "--quantization=fp8", "--seed", "1"])
     assert p.vllm_args(Path("/m"), "m")[-5:] == ["--max-logprobs", "5", "--quantization=fp8", "--seed", "1"]
+
+
+def test_tool_call_and_reasoning_parsers_are_typed_fields():
+    args = ServingProfile(tool_call_parser="hermes", reasoning_parser="qwen3").vllm_args(Path("/m"), "m")
+    assert args[args.index("--tool-call-parser") - 1] == "--enable-auto-tool-choice"
+    assert args[args.index("--tool-call-parser") + 1] == "hermes"
+    assert args[args.index("--reasoning-parser") + 1] == "qwen3"
+    assert "--enable-auto-tool-choice" not in ServingProfile().vllm_args(Path("/m"), "m")
+    with pytest.raises(ValueError, match="tool_call_parser"):
+        ServingProfile(tool_call_parser="hermes --trust-remote-code")
 
 
 def test_kernel_config_is_owned_on_cpu_only():
