@@ -9,13 +9,18 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from gateway import errors as E
-from gateway.directory import KeyEntry
+from gateway.directory import Directory, KeyEntry
 from gateway.proxy import _bearer
 
 
+def key_entry(scope: dict, directory: Directory) -> KeyEntry | None:
+    """The live key a request carries, None without one. Reads headers only, so it may run before the body."""
+    secret = _bearer(scope)
+    return directory.lookup(secret) if secret else None
+
+
 def require_key(request: Request) -> KeyEntry:
-    secret = _bearer(request.scope)
-    entry = request.app.state.directory.lookup(secret) if secret else None
+    entry = key_entry(request.scope, request.app.state.directory)
     if entry is None:
         raise E.invalid_api_key()
     return entry

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import secrets
 import shutil
 import time
@@ -23,6 +25,14 @@ DATA = "data.jsonl"
 SIDECAR = "file.json"
 PURPOSES = ("fine-tune",)
 _CHUNK = 1 << 20
+# What new_file_id makes, and room for more: anything else (a NUL, a path, a name too long for the file system) is
+# as unknown as a missing id instead of an OSError or ValueError from the path.
+_FILE_ID = re.compile(r"file-[A-Za-z0-9_-]{1,128}")
+TMP_PREFIX, DELETED_PREFIX = ".tmp-", ".deleted-"
+# Replicas may share the folder: a temp item this young may be another replica's upload still being written.
+SWEEP_AFTER_S = 3600.0
+
+log = logging.getLogger("sovereign.gateway.files")
 
 
 def new_file_id() -> str:
@@ -73,6 +83,9 @@ class JsonlChecker:
         except json.JSONDecodeError as exc:
             self.problems.append(f"line {self.line}: not valid JSON ({exc.msg} at column {exc.colno})")
             return
+        except RecursionError:
+            self.problems.append(f"line {self.line}: JSON nested too deeply to read")
+            return
         if not isinstance(obj, dict):
             self.problems.append(f"line {self.line}: expected a JSON object, got {type(obj).__name__}")
             return
@@ -92,7 +105,7 @@ class FileStore:
                                     f"purpose 'fine-tune'.", param="purpose", code="invalid_purpose")
         self.root.mkdir(parents=True, exist_ok=True)
         file_id = new_file_id()
-        tmp = self.root / f".tmp-{file_id}"
+        tmp = self.root / f"{TMP_PREFIX}{file_id}"
         tmp.mkdir()
         try:
             digest, size, checker = hashlib.sha256(), 0, JsonlChecker()
@@ -132,13 +145,29 @@ class FileStore:
     def delete(self, file_id: str, owner: str) -> None:
         self.get(file_id, owner)
         # Rename first so the id disappears in one step, then remove the bytes.
-        gone = self.root / f".deleted-{file_id}-{secrets.token_hex(4)}"
+        gone = self.root / f"{DELETED_PREFIX}{file_id}-{secrets.token_hex(4)}"
         os.rename(self.root / file_id, gone)
         shutil.rmtree(gone, ignore_errors=True)
 
+    def sweep(self) -> list[str]:
+        """Remove what a process killed mid-upload or mid-delete left; returns the names removed. A `.deleted-*`
+        folder is gone for every reader already; a `.tmp-*` one only once untouched for SWEEP_AFTER_S, as a younger
+        one may be another replica's upload."""
+        if not self.root.is_dir():
+            return []
+        now, removed = time.time(), []
+        for entry in os.scandir(self.root):
+            changed = _last_change(entry.path) if entry.name.startswith(TMP_PREFIX) else None
+            if entry.name.startswith(DELETED_PREFIX) or (changed is not None and now - changed > SWEEP_AFTER_S):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(entry.name)
+        if removed:
+            log.info("removed leftovers of interrupted uploads and deletes", extra={"names": removed})
+        return removed
+
     # reading ---------------------------------------------------------------------------------------------------
     def _read(self, file_id: str) -> dict[str, Any] | None:
-        if not file_id.startswith("file-") or "/" in file_id or file_id.strip(".") != file_id:
+        if not _FILE_ID.fullmatch(file_id):
             return None
         try:
             return json.loads((self.root / file_id / SIDECAR).read_text(encoding="utf-8"))
@@ -163,6 +192,15 @@ class FileStore:
                 meta = self._read(entry.name)
                 if meta is not None and meta.get("owner") == owner:
                     yield meta
+
+
+def _last_change(folder: str) -> float | None:
+    """The newest mtime of a folder and what it holds (its mtime stays put while an upload's data grows)."""
+    try:
+        with os.scandir(folder) as entries:
+            return max([os.stat(folder).st_mtime, *(e.stat().st_mtime for e in entries)])
+    except OSError:  # gone meanwhile: renamed into place, or removed by another replica
+        return None
 
 
 def paginate(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:

@@ -9,7 +9,11 @@ once, so the new adapter is routable as soon as the job reports success.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import re
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,6 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import errors as E
+from gateway.caller import key_entry
 from gateway.config import GatewayConfig
 from gateway.directory import Directory
 from gateway.file_store import FileStore
@@ -28,11 +33,128 @@ from sovereign.formats import JobRecord
 from sovereign.settings import HomeSettings
 
 PREFIXES = ("/v1/files", "/v1/fine_tuning")
+JSON_BODY_LIMIT = 1 << 20  # a job-create body is a few hundred bytes; only uploads may be large
+MULTIPART_SLACK = 1 << 16  # the multipart envelope around an upload of max_file_bytes
+# The tags pydantic appends to a location for the branch of a union that failed ("n_epochs.constrained-int"). A
+# metadata key so named is dropped as well; the param still names the field.
+_UNION_BRANCH = re.compile(r"(constrained-)?(int|float|str|bool)|literal\[.*\]")
+
+log = logging.getLogger("sovereign.gateway.fine_tuning")
 
 
 def _error(status: int, message: str, code: str | None, param: str | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": param,
                                    "code": code}}, status_code=status)
+
+
+def _validation_error(errors: list[dict[str, Any]]) -> JSONResponse:
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
+        return _error(400, f"The request body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
+                           f" at character {first.get('loc', ('', '?'))[-1]}.", "invalid_request")
+    loc = _param(first)
+    if first.get("type") == "missing":
+        return _error(400, f"`{loc}` is required.", "invalid_request", loc or None)
+    # One error per union branch ("an integer" and "'auto'"): say all the value may be.
+    messages = [e.get("msg", "invalid request") for e in errors if _param(e) == loc]
+    message = messages[0] + "".join(f", or {m.removeprefix('Input should be ')}" for m in messages[1:])
+    return _error(400, f"{loc or 'body'}: {message}", "invalid_request", loc or None)
+
+
+def _param(error: dict[str, Any]) -> str:
+    return ".".join(str(p) for p in error.get("loc", ())
+                    if p not in ("body", "query", "path") and not (isinstance(p, str) and _UNION_BRANCH.fullmatch(p)))
+
+
+class _Refused(Exception):
+    """Raised into the app from `receive` once the guard has answered: nothing the app does next is sent."""
+
+
+class _Exchange:
+    """One request as the guard sees it: the body counted as the app reads it, and a `send` that knows whether a
+    response has started and drops the app's once the guard has answered."""
+
+    def __init__(self, scope: dict, receive, send, limit: int, too_large: E.GatewayError) -> None:
+        self.scope, self._receive, self._send = scope, receive, send
+        self.limit, self.too_large = limit, too_large
+        self.started = self.answered = False
+        self.received = 0
+
+    async def receive(self) -> dict:
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            if self.received > self.limit:
+                if not self.started:
+                    await self.answer(self.too_large)
+                raise _Refused
+        return message
+
+    async def send(self, message: dict) -> None:
+        if self.answered:
+            return
+        self.started = self.started or message["type"] == "http.response.start"
+        await self._send(message)
+
+    async def answer(self, exc: E.GatewayError) -> None:
+        response = JSONResponse(exc.payload(), status_code=exc.status, headers=exc.headers)
+        await response(self.scope, self._receive, self._send)
+        self.answered = True
+
+
+class _Guard:
+    """The app's outer layer: what must happen before FastAPI reads a body, and the last word on errors.
+
+    FastAPI reads a body (spooling a multipart upload to disk) before it resolves the key dependency, and a chunked
+    body has no Content-Length to refuse it by. So a POST without a live key is refused unread, and a body is counted
+    as it arrives and refused the moment it passes the limit. An unexpected exception is logged and answered as a JSON
+    500 here: an exception handler would not do, since Starlette's ServerErrorMiddleware re-raises after calling it.
+    """
+
+    def __init__(self, app, *, directory: Directory, max_file_bytes: int) -> None:
+        self.app, self.directory = app, directory
+        self.upload_limit = max_file_bytes + MULTIPART_SLACK
+        self.upload_too_large = E.GatewayError(413, f"The upload is larger than the limit of {max_file_bytes} bytes; "
+                                                    f"split the file or ask an admin to raise "
+                                                    f"fine_tuning.max_file_bytes.", code="file_too_large",
+                                               param="file")
+
+    async def __call__(self, scope: dict, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] == "/v1/files":
+            exchange = _Exchange(scope, receive, send, self.upload_limit, self.upload_too_large)
+        else:
+            exchange = _Exchange(scope, receive, send, JSON_BODY_LIMIT, E.body_too_large(JSON_BODY_LIMIT))
+        refusal = self._refusal(exchange)
+        if refusal is not None:
+            await exchange.answer(refusal)
+            return
+        try:
+            await self.app(scope, exchange.receive, exchange.send)
+        except Exception:
+            if exchange.answered:
+                return
+            if exchange.started:
+                raise  # too late for an error object; the server cuts the response off
+            log.exception("fine-tuning request failed", extra={"method": scope["method"], "path": scope["path"]})
+            await exchange.answer(E.GatewayError(500, "The server had an error while processing your request; it "
+                                                      "has been logged.", type="server_error", code="internal_error"))
+
+    def _refusal(self, exchange: _Exchange) -> E.GatewayError | None:
+        """What can be refused on the headers alone."""
+        if exchange.scope["method"] == "POST" and key_entry(exchange.scope, self.directory) is None:
+            return E.invalid_api_key()
+        length = _content_length(exchange.scope)
+        return exchange.too_large if length is not None and length > exchange.limit else None
+
+
+def _content_length(scope: dict) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
 
 
 class FineTuning:
@@ -58,6 +180,7 @@ class FineTuning:
 
     async def start(self) -> None:
         self.jobs.root.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self.files.sweep)  # what a killed upload or delete left behind
         await self.runner.start()
 
     async def stop(self) -> None:
@@ -74,16 +197,7 @@ class FineTuning:
         app = FastAPI(title="Sovereign fine-tuning API", docs_url=None, redoc_url=None, openapi_url=None)
         app.state.directory = directory
 
-        @app.middleware("http")
-        async def _upload_limit(request: Request, call_next):
-            # Refuse an oversized upload before reading it; the store also counts while it streams.
-            length = request.headers.get("content-length")
-            if request.method == "POST" and length and length.isdigit() and int(length) > max_bytes + (1 << 16):
-                exc = E.GatewayError(413, f"The upload is larger than the limit of {max_bytes} bytes; split the "
-                                          f"file or ask an admin to raise fine_tuning.max_file_bytes.",
-                                     code="file_too_large", param="file")
-                return JSONResponse(exc.payload(), status_code=413)
-            return await call_next(request)
+        app.add_middleware(_Guard, directory=directory, max_file_bytes=max_bytes)
 
         @app.exception_handler(E.GatewayError)
         async def _gateway_error(_: Request, exc: E.GatewayError) -> JSONResponse:
@@ -95,14 +209,8 @@ class FineTuning:
             return _error(exc.status_code, str(exc.detail), codes.get(exc.status_code, f"http_{exc.status_code}"))
 
         @app.exception_handler(RequestValidationError)
-        async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-            errors = exc.errors()
-            first = errors[0] if errors else {}
-            loc = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path"))
-            message = f"{loc or 'body'}: {first.get('msg', 'invalid request')}"
-            if first.get("type") == "missing":
-                message = f"`{loc}` is required."
-            return _error(400, message, "invalid_request", loc or None)
+        async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+            return _validation_error(list(exc.errors()))
 
         app.include_router(build_files_router(self.files, self._file_in_use))
         app.include_router(build_jobs_router(self.jobs, self.files, self.runner, base_models=base_models,

@@ -100,16 +100,18 @@ class JobStore:
     def events(self, job_id: str) -> list[dict[str, Any]]:
         """Events newest first. A line still being written (no newline yet) is left for the next read."""
         try:
-            text = (self.root / job_id / EVENTS).read_text(encoding="utf-8")
+            data = (self.root / job_id / EVENTS).read_bytes()
         except FileNotFoundError:
             return []
         out = []
-        for n, line in enumerate(text.split("\n")[:-1], start=1):
+        # Bytes, decoded line by line: a long line is appended in several writes, so the file may end inside a
+        # multi-byte character, and that unfinished line is not an event yet.
+        for n, line in enumerate(data.split(b"\n")[:-1], start=1):
             if not line.strip():
                 continue
             try:
-                raw = json.loads(line)
-            except json.JSONDecodeError:
+                raw = json.loads(line.decode("utf-8"))
+            except ValueError:  # not UTF-8 (UnicodeDecodeError) or not JSON: not an event
                 continue
             if isinstance(raw, dict):
                 out.append(event_object(raw, f"ftevent-{job_id.removeprefix('ftjob-')}-{n}"))

@@ -29,12 +29,31 @@ Auto = Literal["auto"]
 class Hyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    n_epochs: int | Auto | None = Field(None, ge=1, le=50)
-    batch_size: int | Auto | None = Field(None, ge=1, le=256)
-    learning_rate_multiplier: float | Auto | None = Field(None, gt=0, le=10)
+    # Bounds on the numeric branch only: on the whole union pydantic applies them to "auto" too (a 500).
+    n_epochs: Annotated[int, Field(ge=1, le=50)] | Auto | None = None
+    batch_size: Annotated[int, Field(ge=1, le=256)] | Auto | None = None
+    learning_rate_multiplier: Annotated[float, Field(gt=0, le=10)] | Auto | None = None
 
     def explicit(self) -> dict[str, Any]:
+        """The values the caller chose; "auto" is left out so the worker takes the preset's value."""
         return {k: v for k, v in self.model_dump().items() if v not in (None, "auto")}
+
+
+class Supervised(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Optional although OpenAI requires it: requests that name only `supervised` have always been accepted.
+    type: str = "supervised"
+    supervised: Supervised | None = None
+    # OpenAI's other methods, accepted as shapes so that create can answer `unsupported_method` for them.
+    dpo: dict[str, Any] | None = None
+    reinforcement: dict[str, Any] | None = None
 
 
 class JobCreate(BaseModel):
@@ -46,25 +65,22 @@ class JobCreate(BaseModel):
     hyperparameters: Hyperparameters | None = None
     suffix: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    metadata: dict[str, str] | None = None
-    method: dict[str, Any] | None = None
+    # OpenAI's documented limits; the record is read back on every list of the team's jobs.
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
+        None, max_length=16)
+    method: Method | None = None
     integrations: list[Any] | None = None
 
 
-def _method_hyperparameters(method: dict[str, Any] | None) -> dict[str, Any]:
-    if not method:
+def _method_hyperparameters(method: Method | None) -> dict[str, Any]:
+    if method is None:
         return {}
-    kind = method.get("type", "supervised")
-    if kind != "supervised":
-        raise E.invalid_request(f"method.type {kind!r} is not supported; this platform trains supervised LoRA "
+    if method.type != "supervised":
+        raise E.invalid_request(f"method.type {method.type!r} is not supported; this platform trains supervised LoRA "
                                 f"adapters (method.type 'supervised').", param="method.type",
                                 code="unsupported_method")
-    hp = (method.get("supervised") or {}).get("hyperparameters") or {}
-    try:
-        return Hyperparameters(**hp).explicit()
-    except ValueError as exc:
-        raise E.invalid_request(f"method.supervised.hyperparameters: {exc}"[:500],
-                                param="method.supervised.hyperparameters") from None
+    hp = method.supervised.hyperparameters if method.supervised else None
+    return hp.explicit() if hp is not None else {}
 
 
 def build_jobs_router(jobs: JobStore, files: FileStore, runner: JobRunner, *,

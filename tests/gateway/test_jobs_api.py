@@ -7,16 +7,24 @@ second (the real worker is exercised end to end in tests/e2e/test_finetune_jobs_
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import signal
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
+from fastapi.testclient import TestClient
 
+from gateway.config import GatewayConfig
+from gateway.directory import KeyEntry, TeamPolicy
+from gateway.fine_tuning import FineTuning
+from sovereign.settings import HomeSettings
 from tests.gateway.conftest import start_gateway_process, write_gateway_config
 from tests.gateway.fake_upstream import FakeUpstream, ThreadServer
 
@@ -209,6 +217,71 @@ def test_job_create_refusals_are_openai_errors(ft_gateway):
     assert jobs.list().data == []
 
 
+def test_malformed_requests_are_openai_errors_not_500s(ft_gateway):
+    client = team_client(ft_gateway)
+    f = upload(client)
+    jobs = client.fine_tuning.jobs
+
+    with pytest.raises(openai.BadRequestError) as exc:
+        upload(client, DATA + b"[" * 30000 + b"]" * 30000 + b"\n")  # past Python's recursion limit
+    assert exc.value.code == "invalid_file_format" and "line 21: JSON nested too deeply" in exc.value.message
+
+    for call in (client.files.retrieve, client.files.content, client.files.delete):
+        with pytest.raises(openai.NotFoundError) as exc:
+            call("file-\x00")
+        assert exc.value.code == "file_not_found"
+    with pytest.raises(openai.BadRequestError) as exc:
+        jobs.create(model="fake-model", training_file="file-\x00")
+    assert (exc.value.code, exc.value.param) == ("invalid_file", "training_file")
+
+    for method, param in (({"type": "supervised", "supervised": "x"}, "method.supervised"),
+                          ({"type": "supervised", "supervised": {"hyperparameters": [1]}},
+                           "method.supervised.hyperparameters"),
+                          ({"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 99}}},
+                           "method.supervised.hyperparameters.n_epochs")):
+        with pytest.raises(openai.BadRequestError) as exc:
+            jobs.create(model="fake-model", training_file=f.id, method=method)
+        assert exc.value.param == param, method
+
+    with pytest.raises(openai.BadRequestError) as exc:
+        jobs.create(model="fake-model", training_file=f.id, hyperparameters={"n_epochs": 2.5})
+    assert exc.value.param == "hyperparameters.n_epochs"  # not pydantic's "hyperparameters.n_epochs.constrained-int"
+    assert "or 'auto'" in exc.value.message
+
+    with pytest.raises(openai.BadRequestError) as exc:
+        jobs.create(model="fake-model", training_file=f.id, metadata={str(i): "x" * 512 for i in range(17)})
+    assert exc.value.param == "metadata"  # OpenAI's limits: 16 pairs, keys of 64 characters, values of 512
+    with pytest.raises(openai.APIStatusError) as exc:
+        jobs.create(model="fake-model", training_file=f.id, metadata={"note": "x" * (2 << 20)})
+    assert exc.value.status_code == 413 and (exc.value.code, exc.value.param) == ("request_too_large", None)
+
+    key = client.api_key
+    with httpx.Client(base_url=ft_gateway.url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
+        r = http.post("/v1/fine_tuning/jobs", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] is None
+    assert r.json()["error"]["message"].startswith("The request body is not valid JSON")
+    assert jobs.list().data == []
+
+
+def test_auto_hyperparameters_leave_the_presets_values(ft_gateway):
+    client = team_client(ft_gateway)
+    f = upload(client)
+    jobs = client.fine_tuning.jobs
+    auto = {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
+    for kwargs, chosen in (({"hyperparameters": auto}, {}),
+                           ({"method": {"type": "supervised",
+                                        "supervised": {"hyperparameters": {**auto, "batch_size": 8}}}},
+                            {"batch_size": 8})):
+        job = jobs.create(model="fake-model", training_file=f.id, suffix="hold", **kwargs)
+        jobs.cancel(job.id)
+        assert (job.hyperparameters.n_epochs, job.hyperparameters.learning_rate_multiplier) == ("auto", "auto")
+        assert job.hyperparameters.batch_size == chosen.get("batch_size", "auto")
+        # Left out of the record: the worker takes the preset's value for whatever is not there.
+        record = json.loads((ft_gateway.home / "jobs" / job.id / "job.json").read_text())
+        assert record["hyperparameters"] == chosen
+        finished(client, job.id)
+
+
 # --------------------------------------------------------------------------------------------------- job runs
 def test_job_runs_to_succeeded_and_its_adapter_is_callable_by_its_team_only(ft_gateway, ft_upstream):
     client = team_client(ft_gateway)
@@ -349,3 +422,95 @@ def test_gateway_restart_fails_a_job_whose_worker_died_meanwhile(ft_upstream, tm
         assert "no longer running" in done.error.message
     finally:
         gw.stop()
+
+
+# ----------------------------------------------------------------------------------------------------- in-process
+# What a client on a socket cannot see: how much of a body the app read before answering, what it logged, what a
+# start-up leaves in the files folder.
+class OneKey:
+    """The directory as the fine-tuning app reads it, with one live key: `sk-live`."""
+
+    def __init__(self) -> None:
+        team = TeamPolicy(name="inproc", allowed_models=("fake-model",), max_tokens=None, pii="off",
+                          injection="off", audit_content="off", limits=(None,) * 4)
+        self.entry = KeyEntry(id="k1", secret_hash="", team=team, is_admin=False, limits=(None,) * 4)
+
+    def lookup(self, secret: str) -> KeyEntry | None:
+        return self.entry if secret == "sk-live" else None
+
+
+@pytest.fixture
+def ft_app(tmp_path):
+    config = GatewayConfig(models={"fake-model": ["http://127.0.0.1:9"]},
+                           fine_tuning={"worker_command": [sys.executable, str(WORKER)], "max_file_bytes": 100_000})
+    return FineTuning(config, OneKey(), lambda: ["fake-model"], home=HomeSettings(home=tmp_path))
+
+
+def chunked_upload(ft: FineTuning, headers: dict[str, str], lines: int = 50) -> tuple[httpx.Response, int]:
+    """A multipart upload sent chunked (no Content-Length), 64 KiB a line; the response and the bytes the app read."""
+    line = b'{"a": "' + b"x" * (1 << 16) + b'"}\n'
+    parts = [b'--XX\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n--XX\r\n'
+             b'Content-Disposition: form-data; name="file"; filename="t.jsonl"\r\n\r\n', *[line] * lines,
+             b"\r\n--XX--\r\n"]
+    read = 0
+
+    async def body():
+        nonlocal read
+        for part in parts:
+            read += len(part)
+            yield part
+
+    async def post() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=ft.app), base_url="http://ft") as http:
+            return await http.post("/v1/files", content=body(),
+                                   headers={"content-type": "multipart/form-data; boundary=XX", **headers})
+
+    return asyncio.run(post()), read
+
+
+def test_a_chunked_upload_is_refused_as_soon_as_it_is_unauthorized_or_too_large(ft_app):
+    response, read = chunked_upload(ft_app, {})
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    assert read < 100_000  # refused on its headers, not after 3 MB
+
+    response, read = chunked_upload(ft_app, {"authorization": "Bearer sk-live"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "file_too_large"
+    assert read < 100_000 + (3 << 16) + 1000  # the limit, the multipart envelope, and the line that passed it
+    assert not list(ft_app.files.root.glob("*"))
+
+    response, _ = chunked_upload(ft_app, {"authorization": "Bearer sk-live"}, lines=1)
+    assert response.status_code == 200 and response.json()["bytes"] == (1 << 16) + 10
+
+
+def test_an_unexpected_error_is_a_logged_json_500(ft_app, monkeypatch, caplog):
+    def broken(owner: str):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(ft_app.files, "iter_owned", broken)
+    client = TestClient(ft_app.app, headers={"Authorization": "Bearer sk-live"})
+    with caplog.at_level(logging.ERROR):
+        response = client.get("/v1/files")
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("server_error", "internal_error") and "fire" not in error["message"]
+    [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert record.exc_info and "disk on fire" in caplog.text and record.path == "/v1/files"
+
+
+def test_start_sweeps_what_killed_uploads_and_deletes_left(ft_app):
+    root = ft_app.files.root
+    names = (".tmp-file-stale", ".tmp-file-growing", ".tmp-file-fresh", ".deleted-file-x-0a1b")
+    for name in names:
+        (root / name).mkdir(parents=True)
+        (root / name / "data.jsonl").write_bytes(DATA)
+    old = time.time() - 2 * 3600
+    for path in (root / names[0], root / names[0] / "data.jsonl", root / names[1]):
+        os.utime(path, (old, old))
+    # Another replica's upload: its folder is old but its data still grows, so it stays.
+
+    async def start_and_stop() -> None:
+        await ft_app.start()
+        await ft_app.stop()
+
+    asyncio.run(start_and_stop())
+    assert sorted(p.name for p in root.iterdir()) == [".tmp-file-fresh", ".tmp-file-growing"]

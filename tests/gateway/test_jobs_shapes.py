@@ -56,3 +56,15 @@ def test_file_objects_validate_as_the_sdk_types():
     f = strict(FileObject, file_object(meta))
     assert f.status == "processed" and f.purpose == "fine-tune"
     assert FileDeleted.model_validate({"id": "file-1", "object": "file", "deleted": True}).deleted
+
+
+def test_events_skip_a_line_cut_inside_a_character(tmp_path):
+    store = JobStore(tmp_path)
+    job_id = new_job_id()
+    store.job_dir(job_id).mkdir()
+    store.append_event(job_id, "已创建")
+    # The worker appends a line over 8 KiB in several writes: the file may end inside a multi-byte character.
+    line = json.dumps({"id": "ftevent-2", "created_at": 1, "message": "已验证训练文件" * 2000}, ensure_ascii=False)
+    with open(store.job_dir(job_id) / "events.jsonl", "ab") as f:
+        f.write(line.encode()[:8193])
+    assert [e["message"] for e in store.events(job_id)] == ["已创建"]
