@@ -8,6 +8,9 @@ stage and per training step, OpenAI's event shape), `prepared/` (the validated, 
 (written by finetune.train, with metrics.json) and the trained `adapter/`. SIGTERM, or the gateway setting the
 record's status to `cancelled`, cancels the job (checkpoints stay, so running it again resumes). A job succeeds only
 when the consistency gate passes; its `fine_tuned_model` is then the served name "name@version".
+
+The record names the adapter (`adapter`) before it is published, so the gateway makes it the job's team's before any
+replica can load it; a job that does not succeed removes the adapter it published (`adapter_removed_at`).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from finetune.errors import FinetuneError
 from finetune.evaluate import EvalReport, EvalSettings, find_canary_manifest, load_canaries, read_conversations
 from finetune.gate import GateFailed, GateReport, GateSettings
 from sovereign.errors import SovereignError
-from sovereign.formats import JOB_RECORD, JobRecord, sha256_file, utcnow
+from sovereign.formats import JOB_RECORD, JobRecord, job_record_lock, sha256_file, utcnow
 from sovereign.settings import HomeSettings, YamlSettings
 
 EVENTS_FILE = "events.jsonl"
@@ -117,7 +120,8 @@ class Pipeline:
     def __init__(self, config: FinetuneConfig, work_dir: Path, *, settings: RunnerSettings, home: HomeSettings,
                  emit: EventSink, origin: dict[str, Any], adapter_name: str | None = None,
                  check_cancel: Callable[[], None] = lambda: None, skip_gate: bool = False,
-                 show_progress: bool = False) -> None:
+                 show_progress: bool = False, claim_adapter: Callable[[str], None] = lambda served_name: None
+                 ) -> None:
         self.config = config
         self.work_dir = work_dir
         self.settings = settings
@@ -128,6 +132,8 @@ class Pipeline:
         self.check_cancel = check_cancel
         self.skip_gate = skip_gate
         self.show_progress = show_progress
+        self.claim_adapter = claim_adapter
+        self.published = None  # the RegisteredAdapter once export has published it
         self.timings: dict[str, float] = {}
 
     @contextmanager
@@ -237,23 +243,36 @@ class Pipeline:
         return report
 
     def export(self, prepared: Path, trained, report: EvalReport):
-        from finetune.export import export_adapter
+        from finetune.export import ExportRefused, export_adapter
+        from serving.adapters import AdapterRegistry
 
         metrics = {**report.metrics(), "best_step": trained.best_step, "trained_tokens": trained.trained_tokens,
                    "training": dict(trained.metrics)}
-        adapter = export_adapter(
-            trained.adapter_dir, name=self.adapter_name, base_model=self.config.model, prepared_dir=prepared,
-            config=self.config.model_dump(mode="json"), seed=self.config.training.seed, metrics=metrics,
-            home=self.home, serving_profile=self.config.serving_profile, origin=self.origin,
-            extra_lineage={"evaluation": report.model_dump(mode="json"),
-                           "training": {"best_step": trained.best_step, "trained_tokens": trained.trained_tokens}})
+        registry = AdapterRegistry(self.home.adapters_dir)
+        for attempt in range(3):
+            version = registry.next_version(self.adapter_name)
+            # Named before it exists: the supervisor loads whatever appears in the registry, and the gateway must
+            # already know whose it is by then.
+            self.claim_adapter(f"{self.adapter_name}@{version}")
+            try:
+                adapter = export_adapter(
+                    trained.adapter_dir, name=self.adapter_name, base_model=self.config.model, prepared_dir=prepared,
+                    config=self.config.model_dump(mode="json"), seed=self.config.training.seed, metrics=metrics,
+                    home=self.home, serving_profile=self.config.serving_profile, version=version, origin=self.origin,
+                    extra_lineage={"evaluation": report.model_dump(mode="json"),
+                                   "training": {"best_step": trained.best_step,
+                                                "trained_tokens": trained.trained_tokens}})
+                break
+            except ExportRefused:
+                if attempt == 2 or not (registry.root / self.adapter_name / version).exists():
+                    raise
+                # another job published this version meanwhile: name the next one
+        self.published = adapter
         self.emit("info", "message", f"Published adapter {adapter.served_name} to {adapter.path}",
                   {"stage": "export", "served_name": adapter.served_name, "path": str(adapter.path)})
         return adapter
 
     def gate(self, prepared: Path, adapter) -> GateReport:
-        from serving.adapters import AdapterRegistry
-
         from finetune.export import record_gate
         from finetune.gate import run_gate
         from finetune.masking import ChatEncoder
@@ -266,9 +285,7 @@ class Pipeline:
             self.emit("info" if check.passed else "error", "message", f"Gate {check.name}: {check.message}",
                       {"stage": "gate", "check": check.name, "passed": check.passed})
         if not report.passed:
-            # A failed job must not leave an adapter that clients could call.
-            AdapterRegistry(self.home.adapters_dir).remove(adapter.manifest.name, adapter.manifest.version)
-            raise GateFailed(report)
+            raise GateFailed(report)  # the job runner removes the adapter
         record_gate(adapter, report.model_dump(mode="json"))
         return report
 
@@ -301,6 +318,10 @@ def config_for_job(record: JobRecord, settings: RunnerSettings, files_dir: Path)
     data["name"] = _adapter_name(record.suffix or data.get("name") or "ft")
     data["data"] = {**data.get("data", {}), "train_file": str(training_file),
                     "validation_file": str(validation_file) if validation_file else None, "prepared_dir": None}
+    team_pii = extra.get("team_pii")  # the creating team's policy outranks the preset: it may only tighten it
+    if team_pii in ("redact", "block"):
+        data["data"]["scrub_pii"] = True
+        data["data"]["refuse_pii"] = team_pii == "block"
     hp = dict(record.hyperparameters or {})
     method = extra.get("method")
     if isinstance(method, dict):  # OpenAI's newer shape: method.supervised.hyperparameters
@@ -362,6 +383,8 @@ class JobRunner:
         self.skip_gate = skip_gate
         self.on_event = on_event
         self._cancel = threading.Event()
+        self._finishing = False  # set once the job's outcome is being written down
+        self.pipeline: Pipeline | None = None
         self.result: PipelineResult | None = None
 
     # -- record --------------------------------------------------------------------------------------------
@@ -374,12 +397,13 @@ class JobRunner:
         return JobRecord.read(path)
 
     def _update(self, **changes: Any) -> JobRecord:
-        record = self.read()
-        if record.status == "cancelled" and changes.get("status") not in (None, "cancelled"):
-            changes.pop("status")  # the gateway cancelled it meanwhile: that wins
-        record = record.model_copy(update=changes)
-        record.write(self.job_dir / JOB_RECORD)
-        return record
+        with job_record_lock(self.job_dir):  # the gateway's cancel is a read-modify-write of the same file
+            record = self.read()
+            if record.status == "cancelled" and changes.get("status") not in (None, "cancelled"):
+                changes.pop("status")  # the gateway cancelled it meanwhile: that wins
+            record = record.model_copy(update=changes)
+            record.write(self.job_dir / JOB_RECORD)
+            return record
 
     def emit(self, level: str, type_: str, message: str, data: dict[str, Any]) -> None:
         self.events(level, type_, message, data)
@@ -427,6 +451,8 @@ class JobRunner:
 
     def _on_sigterm(self, signum, frame) -> None:
         self._cancel.set()
+        if self._finishing:
+            return  # cutting the bookkeeping short could leave a published adapter behind a cancelled job
         # Raised here it stops training at the next Python line; checkpoints already written stay for a resume.
         raise JobCancelled("the job was cancelled (SIGTERM)")
 
@@ -437,16 +463,16 @@ class JobRunner:
                   {"job_id": record.id, "model": record.model})
         try:
             config = config_for_job(record, self.settings, self.home.files_dir)
-            pipeline = Pipeline(config, self.job_dir, settings=self.settings, home=self.home, emit=self.emit,
-                                origin={"kind": "finetune_job", "job_id": record.id,
-                                        "training_file": record.training_file},
-                                check_cancel=self.check_cancel, skip_gate=self.skip_gate,
-                                show_progress=self.show_progress)
-            self.result = pipeline.run()
+            self.pipeline = Pipeline(config, self.job_dir, settings=self.settings, home=self.home, emit=self.emit,
+                                     origin={"kind": "finetune_job", "job_id": record.id,
+                                             "training_file": record.training_file},
+                                     check_cancel=self.check_cancel, skip_gate=self.skip_gate,
+                                     show_progress=self.show_progress,
+                                     claim_adapter=lambda served_name: self._update(adapter=served_name))
+            self.result = self.pipeline.run()
+            return self._succeeded()
         except JobCancelled:
-            record = self._update(status="cancelled", finished_at=utcnow())
-            self.emit("info", "message", "Fine-tuning job cancelled", {"job_id": record.id})
-            return record
+            return self._cancelled()
         except GateFailed as exc:
             return self._fail("gate_failed", str(exc), None, {"gate": exc.report.model_dump(mode="json")})
         except JobError as exc:
@@ -456,17 +482,51 @@ class JobRunner:
         except Exception as exc:  # a bug or a crash inside a library: the job still ends failed, with the reason
             return self._fail("internal_error", f"{type(exc).__name__}: {exc}", None,
                               {"traceback": traceback.format_exc(limit=8)})
+
+    def _succeeded(self) -> JobRecord:
+        self._finishing = True
         r = self.result
         record = self._update(status="succeeded", finished_at=utcnow(), fine_tuned_model=r.served_name,
                               trained_tokens=r.trained_tokens)
-        if record.status == "cancelled":
-            return record
+        if record.status == "cancelled":  # after the gate passed: a cancelled job leaves nothing callable either
+            return self._cancelled()
         self.emit("info", "message", "The job has successfully completed",
                   {"fine_tuned_model": r.served_name, "trained_tokens": r.trained_tokens,
                    "val_loss_base": r.evaluation.base.loss, "val_loss": r.evaluation.adapter.loss})
         return record
 
+    def _cancelled(self) -> JobRecord:
+        self._finishing = True
+        self._withdraw()
+        record = self._update(status="cancelled", finished_at=utcnow())
+        self.emit("info", "message", "Fine-tuning job cancelled", {"job_id": record.id})
+        return record
+
+    def _withdraw(self) -> None:
+        """Remove the adapter this run published: only a succeeded job leaves one that clients could call."""
+        from serving.adapters import AdapterRegistry
+        from serving.errors import AdapterNotFound, ServingError
+
+        adapter = self.pipeline.published if self.pipeline is not None else None
+        if adapter is None:
+            return
+        try:
+            AdapterRegistry(self.home.adapters_dir).remove(adapter.manifest.name, adapter.manifest.version)
+        except AdapterNotFound:
+            pass
+        except ServingError as exc:  # the job still ends; the adapter stays its team's (the record names it)
+            self.emit("error", "message", f"Could not remove adapter {adapter.served_name}: {exc}",
+                      {"served_name": adapter.served_name})
+            return
+        self.pipeline.published = None
+        # The record keeps naming it (`adapter`): replicas may serve it until their next registry poll.
+        self._update(adapter_removed_at=int(time.time()))
+        self.emit("info", "message", f"Removed adapter {adapter.served_name}: the job did not succeed",
+                  {"served_name": adapter.served_name})
+
     def _fail(self, code: str, message: str, param: str | None, data: dict[str, Any] | None = None) -> JobRecord:
+        self._finishing = True
+        self._withdraw()
         record = self._update(status="failed", finished_at=utcnow(),
                               error={"code": code, "message": message, "param": param})
         self.emit("error", "message", f"Fine-tuning job failed: {message}", {"code": code, **(data or {})})

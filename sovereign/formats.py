@@ -10,10 +10,13 @@ Every write is atomic (temp file + rename) so a reader never sees half a manifes
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 MODEL_MANIFEST = "manifest.json"
 ADAPTER_MANIFEST = "adapter.json"
 JOB_RECORD = "job.json"
+JOB_RECORD_LOCK = ".job.lock"
 
 
 def utcnow() -> datetime:
@@ -55,6 +59,18 @@ def write_json_atomic(path: Path, data: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def job_record_lock(job_dir: Path) -> Iterator[None]:
+    """Hold around a read-modify-write of `job_dir/job.json`.
+
+    The gateway (cancel, a dead worker) and the worker (progress, the final status) both rewrite the record: without
+    the lock one of them can write back a stale copy over the other's terminal status.
+    """
+    with open(job_dir / JOB_RECORD_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 class FileDigest(BaseModel):
