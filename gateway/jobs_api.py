@@ -122,7 +122,8 @@ def build_jobs_router(jobs: JobStore, files: FileStore, runner: JobRunner, *,
             check_file(spec.validation_file, team.name, "validation_file")
         hp = {**(spec.hyperparameters.explicit() if spec.hyperparameters else {}),
               **_method_hyperparameters(spec.method)}
-        extra: dict[str, Any] = {"runner": runner_mode, "created_by_key": entry.id}
+        # The team's PII policy as the job's data policy (redact: scrubbed; block: refused), fixed at creation.
+        extra: dict[str, Any] = {"runner": runner_mode, "created_by_key": entry.id, "team_pii": team.pii}
         if preset:
             extra["config"] = preset
         if spec.metadata:

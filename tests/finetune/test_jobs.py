@@ -72,6 +72,20 @@ def test_openai_hyperparameters_and_suffix_go_on_top_of_the_preset(tmp_path):
     assert config_for_job(newer, RunnerSettings.load(None), home.files_dir).training.epochs == 3
 
 
+@pytest.mark.parametrize("team_pii,scrub,refuse", [("off", False, False), ("redact", True, False),
+                                                   ("block", True, True), (None, False, False)])
+def test_the_creating_teams_pii_policy_outranks_a_preset_that_keeps_pii(tmp_path, team_pii, scrub, refuse):
+    home = HomeSettings(home=tmp_path)
+    data = tmp_path / "data.jsonl"
+    data.write_text("{}\n")
+    preset = tmp_path / "keeps-pii.yaml"
+    preset.write_text("model: SmolLM2-135M-Instruct\nname: x\ndata:\n  scrub_pii: false\n")
+    record = JobRecord(id="ftjob-3", model="SmolLM2-135M-Instruct", training_file=str(data), config=str(preset),
+                       **({"team_pii": team_pii} if team_pii else {}))
+    cfg = config_for_job(record, RunnerSettings.load(None), home.files_dir)
+    assert (cfg.data.scrub_pii, cfg.data.refuse_pii) == (scrub, refuse)
+
+
 def test_hyperparameters_that_make_no_valid_config_fail_the_job_naming_them(tmp_path):
     home = HomeSettings(home=tmp_path)
     data = tmp_path / "data.jsonl"

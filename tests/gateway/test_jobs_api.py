@@ -307,6 +307,7 @@ def test_job_runs_to_succeeded_and_its_adapter_is_callable_by_its_team_only(ft_g
 
     record = json.loads((ft_gateway.home / "jobs" / job.id / "job.json").read_text())
     assert record["owner"] == done.organization_id.removeprefix("org-") and record["runner"] == "local"
+    assert record["team_pii"] == "off"  # the team's policy, which the worker applies to the data
     worker_log = (ft_gateway.home / "jobs" / job.id / "worker.log").read_text()
     # Offline env, and the gate pointed at a replica of the job's base model.
     assert f"serving at {ft_upstream.url}; offline=1" in worker_log
