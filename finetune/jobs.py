@@ -5,8 +5,9 @@
 
 A job folder holds `job.json` (sovereign.formats.JobRecord, statuses as OpenAI's), `events.jsonl` (one line per
 stage and per training step, OpenAI's event shape), `prepared/` (the validated, scrubbed data), `checkpoints/<step>/`
-(written by finetune.train, with metrics.json) and the trained `adapter/`. SIGTERM, or the gateway setting the
-record's status to `cancelled`, cancels the job (checkpoints stay, so running it again resumes). A job succeeds only
+(written by finetune.train, with metrics.json) and the trained `adapter/`. The gateway cancels a job by setting its
+record's status to `cancelled` and stopping the worker; a SIGTERM with no cancel on the record (a drained node, an
+evicted pod) leaves it `running` with its checkpoints, so running it again resumes. A job succeeds only
 when the consistency gate passes; its `fine_tuned_model` is then the served name "name@version".
 
 The record names the adapter (`adapter`) before it is published, so the gateway makes it the job's team's before any
@@ -202,7 +203,16 @@ class Pipeline:
         if train_file is None:
             return True  # only a prepared folder was given: it is the data
         inputs = {i.get("role"): i.get("sha256") for i in report.get("inputs", [])}
-        return Path(train_file).is_file() and inputs.get("train") == sha256_file(Path(train_file))
+        if not Path(train_file).is_file() or inputs.get("train") != sha256_file(Path(train_file)):
+            return False
+        # Made from the same file with other settings (PII kept, another model's tokenizer, another validation file)
+        # is not this config's data.
+        from finetune.prepare import PrepareOptions
+
+        validation = self.config.data.validation_file
+        return (report.get("options") == PrepareOptions.from_config(self.config).model_dump(mode="json")
+                and report.get("model") == self.config.model
+                and inputs.get("validation") == (sha256_file(Path(validation)) if validation else None))
 
     def train(self, prepared: Path):
         from finetune.train import train
@@ -384,6 +394,7 @@ class JobRunner:
         self.on_event = on_event
         self._cancel = threading.Event()
         self._finishing = False  # set once the job's outcome is being written down
+        self._signalled = False  # SIGTERM arrived: a cancel only if the record says so, else the host stopping us
         self.pipeline: Pipeline | None = None
         self.result: PipelineResult | None = None
 
@@ -451,6 +462,7 @@ class JobRunner:
 
     def _on_sigterm(self, signum, frame) -> None:
         self._cancel.set()
+        self._signalled = True
         if self._finishing:
             return  # cutting the bookkeeping short could leave a published adapter behind a cancelled job
         # Raised here it stops training at the next Python line; checkpoints already written stay for a resume.
@@ -472,6 +484,8 @@ class JobRunner:
             self.result = self.pipeline.run()
             return self._succeeded()
         except JobCancelled:
+            if self._signalled and self.read().status != "cancelled":
+                return self._interrupted()
             return self._cancelled()
         except GateFailed as exc:
             return self._fail("gate_failed", str(exc), None, {"gate": exc.report.model_dump(mode="json")})
@@ -493,6 +507,16 @@ class JobRunner:
         self.emit("info", "message", "The job has successfully completed",
                   {"fine_tuned_model": r.served_name, "trained_tokens": r.trained_tokens,
                    "val_loss_base": r.evaluation.base.loss, "val_loss": r.evaluation.adapter.loss})
+        return record
+
+    def _interrupted(self) -> JobRecord:
+        """SIGTERM without a cancel on the record: a node drained, a pod evicted, the machine shutting down. The job
+        stays `running` with its checkpoints, so the same job run again (Kubernetes reruns the Job's pod) resumes."""
+        self._finishing = True
+        self._withdraw()  # an adapter of a run that did not finish is not callable; the resumed run publishes anew
+        record = self.read()
+        self.emit("warn", "message", "Fine-tuning job interrupted (SIGTERM): checkpoints kept; running the job "
+                  "again resumes it", {"job_id": record.id})
         return record
 
     def _cancelled(self) -> JobRecord:

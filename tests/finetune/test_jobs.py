@@ -103,3 +103,80 @@ def test_event_log_appends_whole_json_lines(tmp_path):
     lines = (tmp_path / "events.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(lines) == 2 and json.loads(lines[1])["message"] == "說明 ünïcode"
     assert json.loads(lines[0])["data"] == {"step": 1, "train_loss": 2.1}
+
+
+def _sigterm_run(home, cancel_first: bool):
+    import os
+    import signal
+    import time
+
+    from finetune import jobs
+    from finetune.config import FinetuneConfig
+
+    job = jobs.create_local_job(FinetuneConfig.load(None, name="x", data={"prepared_dir": "/nonexistent"}), None, home)
+
+    def run(pipeline):
+        (pipeline.work_dir / "checkpoints" / "4").mkdir(parents=True)
+        if cancel_first:  # what the gateway does: the record first, then SIGTERM to the worker
+            record = JobRecord.read(job / "job.json")
+            record.model_copy(update={"status": "cancelled"}).write(job / "job.json")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+    original = jobs.Pipeline.run
+    jobs.Pipeline.run = run
+    try:
+        return job, JobRunner(job, home=home).run()
+    finally:
+        jobs.Pipeline.run = original
+
+
+def test_a_sigterm_without_a_cancel_leaves_the_job_resumable(tmp_path):
+    # A drained node or an evicted pod: Kubernetes reruns the Job's pod, which must resume from the checkpoints.
+    home = HomeSettings(home=tmp_path)
+    job, record = _sigterm_run(home, cancel_first=False)
+    assert record.status == "running"
+    events = (job / "events.jsonl").read_text()
+    assert "interrupted (SIGTERM): checkpoints kept" in events
+    assert (job / "checkpoints" / "4").is_dir()
+    again = JobRunner(job, home=home).run()  # not refused as finished: it runs (and fails here on the bogus data)
+    assert again.status == "failed" and "Fine-tuning job resumed" in (job / "events.jsonl").read_text()
+
+
+def test_a_sigterm_after_the_gateways_cancel_is_a_cancel(tmp_path):
+    job, record = _sigterm_run(HomeSettings(home=tmp_path), cancel_first=True)
+    assert record.status == "cancelled"
+
+
+def test_prepared_data_is_reused_only_when_made_with_this_configs_settings(tmp_path):
+    import json
+
+    from finetune.config import FinetuneConfig
+    from finetune.jobs import Pipeline
+    from finetune.prepare import PrepareOptions
+    from sovereign.formats import sha256_file
+
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text('{"messages":[{"role":"user","content":"call 13800138000"},{"role":"assistant","content":"ok"}]}\n')
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    for name in ("train.jsonl", "val.jsonl"):
+        (prepared / name).write_text(raw.read_text())
+    cfg = FinetuneConfig.load(None, name="x", data={"train_file": str(raw), "prepared_dir": str(prepared)})
+    pipeline = Pipeline(cfg, tmp_path, settings=RunnerSettings(), home=HomeSettings(home=tmp_path),
+                        emit=lambda *a: None, origin={})
+
+    def made_with(**changes):
+        options = PrepareOptions.from_config(cfg).model_dump(mode="json")
+        report = {"status": "succeeded", "model": cfg.model, "options": options,
+                  "inputs": [{"role": "train", "sha256": sha256_file(raw)}]}
+        for key, value in changes.items():
+            (report["options"] if key in options else report)[key] = value
+        (prepared / "prepare_report.json").write_text(json.dumps(report))
+        return pipeline._prepared_is_current(prepared)
+
+    assert made_with()
+    assert not made_with(scrub_pii=False)  # the phone number would be trained on
+    assert not made_with(max_seq_len=8192)
+    assert not made_with(model="another-model")
+    assert not made_with(inputs=[{"role": "train", "sha256": sha256_file(raw)}, {"role": "validation", "sha256": "x"}])

@@ -14,7 +14,7 @@ import pytest
 from openai import OpenAI
 
 from serving.adapters import AdapterRegistry
-from sovereign.formats import AdapterManifest, JobRecord, sha256_file
+from sovereign.formats import AdapterManifest, JobRecord, job_record_lock, sha256_file
 from sovereign.offline import offline_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -93,7 +93,7 @@ def test_run_job_on_ci_smoke_succeeds_is_served_and_beats_the_base_model(live_se
     AdapterRegistry(home / "adapters").remove("support-e2e")
 
 
-def test_sigterm_cancels_a_running_job_and_records_it(sovereign_home, sample_data, tmp_path):
+def test_the_gateways_cancel_stops_a_running_job_and_records_it(sovereign_home, sample_data, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     (home / "models").symlink_to(sovereign_home / "models", target_is_directory=True)
@@ -107,6 +107,11 @@ def test_sigterm_cancels_a_running_job_and_records_it(sovereign_home, sample_dat
             assert proc.poll() is None, proc.stderr.read()[-3000:]
             assert time.monotonic() < deadline, "training never started"
             time.sleep(0.5)
+        # What the gateway's cancel does: the record first, then SIGTERM to the worker (a SIGTERM alone is a host
+        # stopping the worker, which leaves the job resumable: tests/finetune/test_jobs.py).
+        with job_record_lock(job_dir):
+            record = JobRecord.read(job_dir / "job.json")
+            record.model_copy(update={"status": "cancelled"}).write(job_dir / "job.json")
         proc.send_signal(signal.SIGTERM)
         proc.wait(300)
     finally:
