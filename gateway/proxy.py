@@ -388,6 +388,9 @@ class Proxy:
                 self.metrics.upstream_errors.labels(replica.url, "connect").inc()
                 tried.append(replica)
                 continue
+            except BaseException:  # cancelled: the count must not drift, or least-outstanding shuns this replica
+                replica.outstanding -= 1
+                raise
             ex.upstream_s -= t_up  # closed when the last upstream byte arrives
             ex.replica = replica.url
             if resp.status in RETRY_STATUSES and attempt < self.config.retries:

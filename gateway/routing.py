@@ -132,9 +132,12 @@ class Router:
 
     async def probe_all(self) -> None:
         async with self._probe_lock:
-            await asyncio.gather(*(self._probe(r) for r in self.replicas.values()))
-            self._rebuild_adapters()
-            self._last_probe = time.monotonic()
+            await self._probe_round()
+
+    async def _probe_round(self) -> None:
+        await asyncio.gather(*(self._probe(r) for r in self.replicas.values()))
+        self._rebuild_adapters()
+        self._last_probe = time.monotonic()
 
     async def discover(self, model_id: str, within_s: float, every_s: float = 1.0) -> bool:
         """Probe until some replica lists `model_id` (a just-published adapter is hot-loaded asynchronously, and
@@ -152,7 +155,9 @@ class Router:
     async def refresh_on_miss(self, min_age_s: float = 1.0) -> None:
         """A request named an unknown model: look again (a new adapter may have been loaded), at most once a second."""
         if time.monotonic() - self._last_probe >= min_age_s:
-            await self.probe_all()
+            async with self._probe_lock:  # misses arriving during a round share it: they wait here, then find it new
+                if time.monotonic() - self._last_probe >= min_age_s:
+                    await self._probe_round()
 
     async def start(self, session: aiohttp.ClientSession) -> None:
         self._session = session

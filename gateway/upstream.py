@@ -158,8 +158,7 @@ class Response:
             await self._wait()
         data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._drain())
         self._buffered = 0
-        if self.conn.transport is not None and not self.conn.closed:
-            self.conn.transport.resume_reading()
+        self._resume()
         return data
 
     def _drain(self):
@@ -167,9 +166,16 @@ class Response:
             yield self._chunks.popleft()
 
     async def read(self) -> bytes:
+        """The whole body. Unbounded by design (the back-pressure of `on_body` is for streams: a JSON answer is
+        needed whole), so reading goes on past the stream buffer's limit."""
         while not self.complete:
+            self._resume()
             await self._wait()
         return b"".join(self._drain())
+
+    def _resume(self) -> None:
+        if self.conn.transport is not None and not self.conn.closed:
+            self.conn.transport.resume_reading()
 
     def release(self) -> None:
         """Give the connection back for reuse if the exchange finished cleanly, else close it."""
@@ -179,6 +185,7 @@ class Response:
         conn = self.conn
         conn.response = None
         if self.complete and conn.keep_alive and not conn.closed and self._exc is None:
+            self._resume()  # a read that crossed the buffer limit paused it: pooled paused, the next answer would hang
             conn.pool._put(conn)
         else:
             conn.close()
@@ -235,7 +242,9 @@ class Pool:
                 b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n" + headers + b"\r\n")
         for attempt in (0, 1):
             conn = None
-            while self._idle:
+            # A second try never takes another pooled connection: the replica (uvicorn closes idle ones after 5 s)
+            # tends to close them together, so the next one would be as stale.
+            while self._idle and attempt == 0:
                 candidate = self._idle.pop()
                 if not candidate.closed:
                     conn = candidate
