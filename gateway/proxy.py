@@ -34,7 +34,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.policy import PolicyOutcome, apply_policy
 from gateway.quotas import QuotaExceeded, QuotaUnavailable
 from gateway.routing import Replica, Router
-from gateway.upstream import Pool, Response, UpstreamError, event_json
+from gateway.upstream import Pool, Response, UpstreamBrokenError, UpstreamError, event_json
 
 log = logging.getLogger("sovereign.gateway.access")
 
@@ -55,7 +55,7 @@ class Exchange:
 
     __slots__ = ("rid", "t0", "entry", "kind", "model", "base", "adapter", "stream", "status", "prompt_tokens",
                  "completion_tokens", "ttft", "decisions", "prompt_text", "completion_parts", "reservation",
-                 "upstream_s", "audit_s", "rate_headers", "replica")
+                 "upstream_s", "audit_s", "rate_headers", "replica", "first_byte_by")
 
     def __init__(self, rid: str, t0: float, entry: KeyEntry | None, kind: str) -> None:
         self.rid = rid
@@ -77,6 +77,7 @@ class Exchange:
         self.audit_s = 0.0
         self.rate_headers: list[tuple[bytes, bytes]] = []
         self.replica = ""
+        self.first_byte_by = 0.0  # loop time by which a stream's first byte must come: one TTFT limit, not two
 
 
 def _bearer(scope: dict) -> str | None:
@@ -366,6 +367,9 @@ class Proxy:
         """POST to the least-loaded healthy replica; on a failure before the first byte, try another."""
         tried: list[Replica] = []
         last_error = ""
+        # A non-streamed answer arrives whole, headers last: only the total limit can apply to it. A stream's headers
+        # and first token share one TTFT deadline, across retries.
+        ex.first_byte_by = asyncio.get_running_loop().time() + (self._ttft if ex.stream else self._total)
         for attempt in range(self.config.retries + 1):
             replica = self.router.pick(candidates, tried)
             if replica is None:
@@ -373,8 +377,7 @@ class Proxy:
             replica.outstanding += 1
             t_up = time.perf_counter()
             try:
-                # A non-streamed answer arrives whole, headers last: only the total limit can apply to it.
-                async with asyncio.timeout(self._ttft if ex.stream else self._total):
+                async with asyncio.timeout_at(ex.first_byte_by):
                     resp = await self.pools[replica.url].request("POST", path, payload, UPSTREAM_HEADERS)
             except TimeoutError:
                 replica.outstanding -= 1
@@ -467,7 +470,16 @@ class Proxy:
         audit and quotas); the last ones wait until the audit record is durable."""
         gone = asyncio.Event()
         watcher = asyncio.ensure_future(receive())
-        watcher.add_done_callback(lambda _: gone.set())
+
+        def client_gone(fut: asyncio.Future) -> None:
+            if fut.cancelled():  # the stream ended first
+                return
+            gone.set()
+            # Wakes a read still waiting for the model (queued, prefilling): the replica's slot is freed now, not at
+            # the TTFT limit, and vLLM aborts the request when its connection closes.
+            resp._error(UpstreamBrokenError("the client went away"))
+
+        watcher.add_done_callback(client_gone)
         await send({"type": "http.response.start", "status": 200,
                     "headers": SSE_HEADERS + ex.rate_headers + [(b"x-request-id", ex.rid.encode())]})
         ex.status = 200
@@ -480,7 +492,8 @@ class Proxy:
                     if resp.ready():  # already buffered: a timer per read costs more than the read
                         data = await resp.readany()
                     else:
-                        async with asyncio.timeout(self._stall if ex.ttft is not None else self._ttft):
+                        async with (asyncio.timeout(self._stall) if ex.ttft is not None
+                                    else asyncio.timeout_at(ex.first_byte_by)):
                             data = await resp.readany()
                 except TimeoutError:
                     what = "stall" if ex.ttft is not None else "ttft"
@@ -491,6 +504,9 @@ class Proxy:
                     failure.openai_code = f"upstream_{what}_timeout"
                     break
                 except UpstreamError as exc:
+                    if gone.is_set():
+                        ex.status = 499
+                        break
                     self.metrics.upstream_errors.labels(ex.replica, "broken_stream").inc()
                     failure = E.upstream_error(f"The model server broke off the stream: {type(exc).__name__}.")
                     break

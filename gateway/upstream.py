@@ -211,7 +211,8 @@ class Pool:
         self.tls = (tls or ssl.create_default_context()) if parts.scheme == "https" else None
         self.port = parts.port or (443 if self.tls else 80)
         self.base_path = parts.path.rstrip("/")
-        self._host_header = f"{self.host}:{self.port}".encode()
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal is bracketed (RFC 7230)
+        self._host_header = f"{host}:{self.port}".encode()
         self._idle: list[_Connection] = []
         self.max_idle = max_idle
 

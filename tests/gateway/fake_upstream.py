@@ -2,7 +2,8 @@
 
 The answer echoes the last user text. Magic words in the prompt script failures: `__500__`, `__503__` (an HTTP error
 before any byte), `__slow__` (headers only after `slow_s`), `__stall__` (one chunk, then silence), `__die__` (one
-chunk, then the connection drops), `__trickle__` (0.2 s between chunks), `__vllm_error__` (a 400 in vLLM's own error shape).
+chunk, then the connection drops), `__trickle__` (0.2 s between chunks), `__vllm_error__` (a 400 in vLLM's own error shape), `__prefill__` (stream
+headers, then nothing for `slow_s` unless the gateway hangs up: how long that took goes into `aborted_after`).
 `FakeUpstream.requests` keeps every body received, so tests can check what the gateway forwarded.
 """
 
@@ -50,6 +51,7 @@ class FakeUpstream:
     embeddings: bool = True
     requests: list[dict[str, Any]] = field(default_factory=list)
     hits: int = 0
+    aborted_after: list[float] = field(default_factory=list)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -120,6 +122,16 @@ class FakeUpstream:
         obj += ".chunk" if chat else ""
         if "__split__" in text:  # every event cut into 7-byte pieces, each its own write: events span reads
             send = _split_sender(send)
+        if "__prefill__" in text:  # a queued or long prefill: no token yet
+            t = time.monotonic()
+            try:
+                message = await asyncio.wait_for(receive(), self.slow_s)
+            except TimeoutError:
+                pass
+            else:
+                if message["type"] == "http.disconnect":
+                    self.aborted_after.append(time.monotonic() - t)
+                    return
 
         def event(payload: dict) -> dict:
             return {"type": "http.response.body", "body": b"data: " + orjson.dumps(payload) + b"\n\n",

@@ -198,6 +198,23 @@ def test_failure_after_streaming_started_is_an_in_band_error_event(gw, word, cod
     assert err.value.body["code"] == code
 
 
+def test_a_client_gone_before_the_first_token_frees_the_replica_at_once(gw, upstream):
+    # Queued or prefilling: no byte to send yet, so the gateway only learned of the disconnect at the TTFT limit (2 s
+    # here, minutes in production) while vLLM kept the request. It hangs up on the replica when the client does.
+    import httpx
+
+    with httpx.Client(timeout=10) as client:
+        with client.stream("POST", f"{gw.url}/v1/chat/completions", headers={"Authorization": f"Bearer {gw.key()}"},
+                           json={"model": "fake-model", "stream": True,
+                                 "messages": [{"role": "user", "content": "__prefill__"}]}) as r:
+            assert r.status_code == 200
+            time.sleep(0.3)
+    deadline = time.monotonic() + 5
+    while not upstream.aborted_after and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert upstream.aborted_after and upstream.aborted_after[-1] < 1.5, upstream.aborted_after
+
+
 def test_upstream_refusal_is_passed_on_as_an_openai_error(gw):
     with pytest.raises(openai.BadRequestError) as err:
         gw.client(gw.key()).chat.completions.create(model="fake-model",

@@ -115,3 +115,8 @@ def test_misses_arriving_together_share_one_probe_round():
         server.close()
 
     asyncio.run(go())
+
+
+def test_an_ipv6_replica_gets_a_bracketed_host_header():
+    assert Pool("http://[::1]:8000")._host_header == b"[::1]:8000"
+    assert Pool("http://10.0.0.7:8000/base")._host_header == b"10.0.0.7:8000"
