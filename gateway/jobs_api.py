@@ -13,7 +13,7 @@ import random
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway import errors as E
@@ -83,6 +83,18 @@ def _method_hyperparameters(method: Method | None) -> dict[str, Any]:
     return hp.explicit() if hp is not None else {}
 
 
+def _with_metadata(records: list[JobRecord], params: list[tuple[str, str]]) -> list[JobRecord]:
+    """OpenAI's filter (what the SDK sends for `jobs.list(metadata={...})`): `metadata[k]=v` keeps the jobs whose
+    metadata has k = v, all of them; `metadata=null` the jobs without metadata."""
+    wanted = {k[9:-1]: v for k, v in params if k.startswith("metadata[") and k.endswith("]")}
+    if any(k == "metadata" and v == "null" for k, v in params):
+        return [r for r in records if not (r.model_extra or {}).get("metadata")]
+    if not wanted:
+        return records
+    return [r for r in records
+            if all(((r.model_extra or {}).get("metadata") or {}).get(k) == v for k, v in wanted.items())]
+
+
 def build_jobs_router(jobs: JobStore, files: FileStore, runner: JobRunner, *,
                       base_models: Callable[[], list[str]], runner_mode: str, preset: str | None) -> APIRouter:
     router = APIRouter()
@@ -144,10 +156,11 @@ def build_jobs_router(jobs: JobStore, files: FileStore, runner: JobRunner, *,
         return job_object(record)
 
     @router.get("/v1/fine_tuning/jobs")
-    async def list_jobs(entry: Caller, after: str | None = None,
+    async def list_jobs(request: Request, entry: Caller, after: str | None = None,
                         limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict:
         records = await asyncio.to_thread(jobs.owned, entry.team.name)
         await runner.take_in(records)
+        records = _with_metadata(records, request.query_params.multi_items())
         page = paginate([job_object(r) for r in records], after, limit)
         return {"object": "list", "data": page["data"], "has_more": page["has_more"]}
 

@@ -263,6 +263,25 @@ def test_malformed_requests_are_openai_errors_not_500s(ft_gateway):
     assert jobs.list().data == []
 
 
+def test_jobs_list_filters_by_metadata_as_the_sdk_sends_it(ft_gateway):
+    client = team_client(ft_gateway)
+    f = upload(client)
+    jobs = client.fine_tuning.jobs
+    made = {name: jobs.create(model="fake-model", training_file=f.id, suffix="hold", metadata=meta)
+            for name, meta in (("a", {"project": "crm", "stage": "dev"}), ("b", {"project": "crm"}), ("c", None))}
+    for job in made.values():
+        jobs.cancel(job.id)
+
+    def ids(**kwargs) -> set[str]:
+        return {j.id for j in jobs.list(limit=100, **kwargs).data}
+
+    assert ids(metadata={"project": "crm"}) == {made["a"].id, made["b"].id}
+    assert ids(metadata={"project": "crm", "stage": "dev"}) == {made["a"].id}
+    assert ids(metadata={"project": "other"}) == set()
+    assert ids() == {j.id for j in made.values()}
+    assert ids(extra_query={"metadata": "null"}) == {made["c"].id}
+
+
 def test_auto_hyperparameters_leave_the_presets_values(ft_gateway):
     client = team_client(ft_gateway)
     f = upload(client)
