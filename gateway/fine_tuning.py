@@ -29,6 +29,7 @@ from gateway.files_api import build_files_router
 from gateway.job_runner import JobRunner, LocalLauncher
 from gateway.job_store import TERMINAL, JobStore
 from gateway.jobs_api import build_jobs_router
+from gateway.proxy import _content_length
 from sovereign.formats import JobRecord
 from sovereign.settings import HomeSettings
 
@@ -148,13 +149,6 @@ class _Guard:
             return E.invalid_api_key()
         length = _content_length(exchange.scope)
         return exchange.too_large if length is not None and length > exchange.limit else None
-
-
-def _content_length(scope: dict) -> int | None:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            return int(value) if value.isdigit() else None
-    return None
 
 
 class FineTuning:

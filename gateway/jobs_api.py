@@ -158,9 +158,9 @@ def build_jobs_router(jobs: JobStore, files: FileStore, runner: JobRunner, *,
     @router.get("/v1/fine_tuning/jobs")
     async def list_jobs(request: Request, entry: Caller, after: str | None = None,
                         limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict:
-        records = await asyncio.to_thread(jobs.owned, entry.team.name)
-        await runner.take_in(records)
-        records = _with_metadata(records, request.query_params.multi_items())
+        records = _with_metadata(await asyncio.to_thread(jobs.owned, entry.team.name),
+                                 request.query_params.multi_items())
+        await runner.take_in(records)  # may wait for a discovery: only for the jobs listed
         page = paginate([job_object(r) for r in records], after, limit)
         return {"object": "list", "data": page["data"], "has_more": page["has_more"]}
 

@@ -26,9 +26,6 @@ class PolicyOutcome:
     token_ids: int = 0  # prompt tokens sent as ids rather than text (counted, not read)
 
 
-_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})  # OpenAI's, as vLLM takes them
-
-
 def _chat_texts(body: dict) -> list[tuple[Any, str | int, str]]:
     """(container, key, text) for every text of the conversation the model will read, so redaction can write back in
     place: message contents and parts, earlier tool calls' arguments, and vLLM's `documents` for the chat template."""
@@ -36,11 +33,6 @@ def _chat_texts(body: dict) -> list[tuple[Any, str | int, str]]:
     for i, m in enumerate(body["messages"]):
         if not isinstance(m, dict):
             raise invalid_request(f"messages[{i}] must be an object with `role` and `content`", param=f"messages.{i}")
-        role = m.get("role")
-        if type(role) is not str or role not in _ROLES:
-            # The template writes the role into the prompt as it is: any other string is text no policy reads.
-            raise invalid_request(f"messages[{i}].role must be one of {', '.join(sorted(_ROLES))}; got "
-                                  f"{str(role)[:40]!r}", param=f"messages.{i}.role")
         if isinstance(m.get("name"), str):  # a participant's name, rendered beside its message
             out.append((m, "name", m["name"]))
         calls = m.get("tool_calls")

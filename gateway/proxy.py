@@ -109,6 +109,9 @@ def _int_field(body: dict, name: str, minimum: int) -> None:
                                 param=name)
 
 
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})  # OpenAI's, as vLLM takes them
+
+
 def validate(body: Any, kind: str) -> str:
     """Check the fields the gateway itself relies on; the upstream validates the rest. Returns the model."""
     if not isinstance(body, dict):
@@ -125,6 +128,10 @@ def validate(body: Any, kind: str) -> str:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise E.invalid_request(f"messages[{i}] must be an object with a string `role`.",
                                         param=f"messages.{i}")
+            if m["role"] not in ROLES:
+                # The template writes the role into the prompt as it is: any other string is text no policy reads.
+                raise E.invalid_request(f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}; got "
+                                        f"{m['role'][:40]!r}", param=f"messages.{i}.role")
     elif kind == "completions":
         prompt = body.get("prompt")
         ok = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and (
