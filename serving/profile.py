@@ -91,8 +91,9 @@ class ServingProfile(YamlSettings):
     cpu_linear_weights: Literal["float16", "float32"] = "float16"
 
     # Tool calling: vLLM's parser for the served model's tool-call format (hermes, llama3_json, mistral, qwen3_xml,
-    # ...). Set, `tool_choice: "auto"` works (vLLM's --enable-auto-tool-choice); a named or required tool works
-    # without it. An unknown name stops vLLM at start with its list of parsers, which health and `up` show.
+    # ...). Set, `tool_choice: "auto"` and a named tool work (vLLM's --enable-auto-tool-choice); unset, vLLM 0.32
+    # refuses both with a 400 saying the parser is needed. An unknown name stops vLLM at start with its list of
+    # parsers, which health and `up` show.
     tool_call_parser: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
     # Reasoning models: vLLM's parser that moves the thinking out of `content` (deepseek_r1, qwen3, ...).
     reasoning_parser: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
