@@ -28,6 +28,7 @@ from gateway import errors as E
 from gateway import responses_api
 from gateway.accounts import MAX_INT32
 from gateway.audit import AuditRecord
+from gateway.client_watch import ClientWatch
 from gateway.config import GatewayConfig
 from gateway.directory import Directory, KeyEntry
 from gateway.metrics import GatewayMetrics
@@ -306,19 +307,30 @@ class Proxy:
                 payload = orjson.dumps(body)
             except orjson.JSONEncodeError:  # parsed (orjson reads 1,024 levels) but not re-encodable (it writes 255)
                 raise E.invalid_request("The request body is nested more than 255 levels deep.") from None
-            replica, resp = await self._open_upstream(ex, candidates, scope["path"], payload)
+            # A stream learns of a client that leaves from its own relay; a whole answer needs a watch.
+            watch = None if stream else ClientWatch(receive, lambda: ex.status == 0)
             try:
-                if resp.status != 200:
-                    await self._relay_upstream_error(send, ex, resp, scope["path"])
-                elif stream:
-                    events = (responses_api.ResponseEvents(ex) if ex.kind == "responses"
-                              else _ChatEvents(ex, client_wants_usage))
-                    await self._relay_stream(receive, send, ex, resp, events)
-                else:
-                    await self._relay_json(send, ex, resp)
+                replica, resp = await self._open_upstream(ex, candidates, scope["path"], payload)
+                try:
+                    if resp.status != 200:
+                        await self._relay_upstream_error(send, ex, resp, scope["path"])
+                    elif stream:
+                        events = (responses_api.ResponseEvents(ex) if ex.kind == "responses"
+                                  else _ChatEvents(ex, client_wants_usage))
+                        await self._relay_stream(receive, send, ex, resp, events)
+                    else:
+                        await self._relay_json(send, ex, resp)
+                finally:
+                    replica.outstanding -= 1
+                    resp.release()  # closes the connection when the answer is unfinished: vLLM then aborts it
+            except asyncio.CancelledError:
+                if watch is None or not watch.gone:
+                    raise
+                asyncio.current_task().uncancel()
+                await self._client_left(ex)
             finally:
-                replica.outstanding -= 1
-                resp.release()
+                if watch is not None:
+                    watch.stop()
         finally:
             if ex.reservation is not None:
                 # Bill only what the model actually processed: nothing if it never started answering.
@@ -565,6 +577,17 @@ class Proxy:
             await send({"type": "http.response.body", "body": events.error(exc), "more_body": False})
             return
         await send({"type": "http.response.body", "body": events.end(), "more_body": False})
+
+    async def _client_left(self, ex: Exchange) -> None:
+        """The client hung up before its whole answer was ready: the replica was hung up on (it stops generating);
+        the attempt is audited. Nothing is billed, as for a stream abandoned before its first token: how far the
+        model got is unknown."""
+        ex.status = 499
+        ex.completion_tokens = 0
+        try:
+            await self._audit(ex, error="client_disconnected")
+        except E.GatewayError:
+            pass  # logged by _audit; there is nobody to tell
 
     # bookkeeping -----------------------------------------------------------------------------------------------
     async def _audit(self, ex: Exchange, error: str | None = None) -> None:

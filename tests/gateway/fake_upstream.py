@@ -3,7 +3,8 @@
 The answer echoes the last user text. Magic words in the prompt script failures: `__500__`, `__503__` (an HTTP error
 before any byte), `__slow__` (headers only after `slow_s`), `__stall__` (one chunk, then silence), `__die__` (one
 chunk, then the connection drops), `__trickle__` (0.2 s between chunks), `__vllm_error__` (a 400 in vLLM's own error shape), `__prefill__` (stream
-headers, then nothing for `slow_s` unless the gateway hangs up: how long that took goes into `aborted_after`).
+headers, then nothing for `slow_s` unless the gateway hangs up: how long that took goes into `aborted_after`),
+`__hold__` (a non-streamed answer only after `slow_s`, unless the gateway hangs up first: into `aborted_after` too).
 `FakeUpstream.requests` keeps every body received, so tests can check what the gateway forwarded.
 """
 
@@ -92,6 +93,16 @@ class FakeUpstream:
                                                 "code": 400})
         if "__slow__" in text:
             await asyncio.sleep(self.slow_s)
+        if "__hold__" in text and not req.get("stream"):  # a long generation: the answer comes after slow_s...
+            t = time.monotonic()
+            try:
+                message = await asyncio.wait_for(receive(), self.slow_s)
+            except TimeoutError:
+                pass
+            else:
+                if message["type"] == "http.disconnect":  # ...unless the gateway hangs up first
+                    self.aborted_after.append(time.monotonic() - t)
+                    return
         model = req.get("model", self.model)
         if path == "/v1/embeddings":
             if not self.embeddings:  # what vLLM's server answers when its model is not an embeddings model

@@ -112,3 +112,23 @@ def test_responses_api_against_the_real_engine(live_gateway, key):
                                      max_output_tokens=16, stream=True))
     assert "Paris" in "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert events[-1].type == "response.completed" and events[-1].response.usage.output_tokens > 0
+
+
+def _running_on(vllm_server) -> float:
+    text = httpx.get(f"{vllm_server.base_url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:num_requests_running"))
+
+
+def test_a_client_that_leaves_a_long_answer_stops_the_engine_generating(live_gateway, key, vllm_server):
+    # A non-streamed answer of 2,000 forced tokens takes minutes on this CPU; the client gives up after 2 s. The
+    # gateway hangs up on vLLM, which aborts the request: the engine is idle again within seconds, not minutes.
+    import time
+
+    with pytest.raises(openai.APITimeoutError):
+        live_gateway.client(key).with_options(timeout=2, max_retries=0).chat.completions.create(
+            model=DEFAULT_MODEL, messages=FRANCE, max_tokens=2000, extra_body={"ignore_eos": True, "min_tokens": 2000})
+    deadline = time.monotonic() + 20
+    while (running := _running_on(vllm_server)) > 0:
+        assert time.monotonic() < deadline, f"vLLM still generating for nobody ({running:g} running)"
+        time.sleep(0.2)

@@ -159,6 +159,36 @@ def test_client_disconnect_mid_stream_is_audited_and_billed_for_what_was_generat
     assert 1 <= rows[0]["completion_tokens"] < 31
 
 
+def test_client_gone_while_a_whole_answer_is_generated_frees_the_replica_and_is_audited(gw, upstream):
+    # Nothing is sent before a non-streamed answer is complete, so the gateway used to notice nothing and the replica
+    # generated up to max_tokens for nobody (5 s here). The gateway now hangs up on the replica when the client does.
+    key = gw.key("impatient")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{gw.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=0.6,
+                   json={"model": "fake-model", "messages": [{"role": "user", "content": "__hold__ long answer"}]})
+    deadline = time.monotonic() + 5
+    while not upstream.aborted_after and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert upstream.aborted_after and upstream.aborted_after[-1] < 2, upstream.aborted_after
+    while not (rows := [row for row in audit_rows(gw) if row["team"] == "impatient"]):
+        assert time.monotonic() < deadline, "no audit record for the abandoned request"
+        time.sleep(0.1)
+    assert rows[0]["status"] == 499 and rows[0]["policy"]["error"] == "client_disconnected"
+    # the gateway still serves, on the same replica
+    r = gw.client(key).chat.completions.create(model="fake-model", messages=USER)
+    assert r.choices[0].message.content
+
+
+def test_a_whole_answer_slower_than_the_watch_delay_still_arrives(gw, upstream):
+    # The watch must not mistake the end of the exchange for a disconnect: an answer taking 1 s comes back whole.
+    upstream.slow_s = 1.0
+    r = gw.client(gw.key("patient")).chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": "__hold__ wait for it"}])
+    assert "wait for it" in r.choices[0].message.content and not upstream.aborted_after
+    rows = [row for row in audit_rows(gw) if row["team"] == "patient"]
+    assert rows[0]["status"] == 200
+
+
 class _BrokenAudit:
     async def append(self, record, alone=False):
         raise OSError("disk full")
