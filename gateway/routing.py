@@ -1,8 +1,9 @@
 """Pools of vLLM replicas per base model, adapter discovery, health checks and least-outstanding-requests choice.
 
 Each replica is polled every `health_check_interval_s` on `GET /v1/models`: a 200 marks it healthy and tells which
-LoRA adapters it serves (entries whose `parent` is a base model). A connection failure on the request path marks a
-replica unhealthy at once, so the next request goes elsewhere without waiting for the poll.
+LoRA adapters it serves (entries whose `parent` is a base model); a refused connection, or two failed polls in a row,
+mark it unhealthy. A connection failure on the request path marks a replica unhealthy at once, so the next request
+goes elsewhere without waiting for the poll.
 """
 
 from __future__ import annotations
@@ -20,6 +21,17 @@ import orjson
 from gateway.background import cancel_and_wait
 
 log = logging.getLogger("sovereign.gateway.routing")
+PROBE_FAILURES_TO_MARK = 2
+
+
+def _refused(exc: BaseException) -> bool:
+    """The replica's host answered that nothing listens on the port (the server is down, not slow)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError):
+            return True
+        seen = getattr(seen, "os_error", None) or seen.__cause__
+    return False
 
 
 @dataclass(slots=True, eq=False)
@@ -31,6 +43,7 @@ class Replica:
     served: dict[str, dict[str, Any]] = field(default_factory=dict)  # model id -> its /v1/models card
     last_error: str | None = None
     last_seen: float = 0.0
+    probe_failures: int = 0  # consecutive failed health probes
 
     def status(self) -> dict[str, Any]:
         return {"url": self.url, "healthy": self.healthy, "outstanding": self.outstanding,
@@ -127,8 +140,17 @@ class Router:
             replica.healthy = True
             replica.last_error = None
             replica.last_seen = time.time()
-        except Exception as exc:  # any failure to answer means: send nothing there until it answers again
-            self.mark_failed(replica, f"{type(exc).__name__}: {exc}"[:300])
+            replica.probe_failures = 0
+        except Exception as exc:
+            # Nothing listening is final; a slow or failed answer (a replica busy with a burst, a restart's first
+            # seconds) takes two probes in a row, or one late probe would turn a lone replica's traffic into 503s
+            # and its gateway unready until the next round.
+            replica.probe_failures += 1
+            error = f"{type(exc).__name__}: {exc}"[:300]
+            if replica.probe_failures >= PROBE_FAILURES_TO_MARK or _refused(exc):
+                self.mark_failed(replica, error)
+            else:
+                replica.last_error = error
 
     async def probe_all(self) -> None:
         async with self._probe_lock:

@@ -43,3 +43,45 @@ def test_discover_gives_up_after_its_bound(upstream):
 
     found, waited = asyncio.run(main())
     assert not found and waited < 10
+
+
+def test_one_late_health_probe_does_not_take_a_replica_out_but_two_do():
+    # A replica busy with a burst may answer one probe late; marking it down at once turned a lone replica's
+    # traffic into 503s (and its gateway unready) until the next round.
+    import socket
+
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        router = Router({"fake-model": [url]}, health_interval_s=60, probe_timeout_s=0.2)
+
+        async def probe_twice() -> list[tuple[bool, str | None]]:
+            seen = []
+            async with aiohttp.ClientSession() as session:
+                router._session = session
+                for _ in range(2):
+                    await router.probe_all()
+                    r = router.replicas[url]
+                    seen.append((r.healthy, r.last_error))
+            return seen
+
+        (first_ok, first_error), (second_ok, second_error) = asyncio.run(probe_twice())
+    assert first_ok and "Timeout" in first_error
+    assert not second_ok and "Timeout" in second_error and router.healthy_count() == 0
+
+
+def test_a_refused_connection_takes_a_replica_out_at_the_first_probe(upstream):
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"  # bound, not listening: refused
+        router = Router({"fake-model": [url, upstream.url]}, health_interval_s=60)
+
+        async def probe() -> None:
+            async with aiohttp.ClientSession() as session:
+                router._session = session
+                await router.probe_all()
+
+        asyncio.run(probe())
+    assert not router.replicas[url].healthy and "cannot connect" in router.replicas[url].last_error.lower()
+    assert router.replicas[upstream.url].healthy
