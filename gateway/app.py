@@ -152,10 +152,13 @@ def serve(config: GatewayConfig) -> None:
     """Run the gateway with uvicorn on uvloop + httptools until SIGINT/SIGTERM."""
     import uvicorn
 
+    from gateway.http_protocol import CoalescingHttpToolsProtocol
+
     app = GatewayApp(config)
     # proxy_headers off: nothing here reads the client's address, and uvicorn's X-Forwarded-* middleware cost 2-3 %
     # of the gateway's CPU per request (py-spy, 32 connections, streaming).
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, loop="uvloop", http="httptools",
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, loop="uvloop",
+                                           http=CoalescingHttpToolsProtocol,
                                            lifespan="on", access_log=False, log_config=None, proxy_headers=False,
                                            timeout_keep_alive=75, backlog=4096))
     server.run()

@@ -501,8 +501,11 @@ class Proxy:
         watcher.add_done_callback(client_gone)
         await send({"type": "http.response.start", "status": 200,
                     "headers": SSE_HEADERS + ex.rate_headers + [(b"x-request-id", ex.rid.encode())]})
+        if not resp.ready():  # the head waits for a body part (one write); none is here yet, so it goes out alone
+            await send({"type": "http.response.body", "body": b"", "more_body": True})
         ex.status = 200
         buf = b""
+        held: list[bytes] = []
         failure: E.GatewayError | None = None
         take = events.take
         try:
@@ -547,7 +550,10 @@ class Proxy:
                 if start:
                     buf = buf[start:]
                 if out:
-                    await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+                    if events.done:  # the end came with them: they go out with it once audited, in one write
+                        held += out
+                    else:
+                        await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
                 if gone.is_set():
                     ex.status = 499
                     break
@@ -569,14 +575,15 @@ class Proxy:
                 await self._audit(ex, error=failure.openai_code)
             except E.GatewayError as exc:  # the stream has started: the audit's failure is the last event instead
                 failure = exc
-            await send({"type": "http.response.body", "body": events.error(failure), "more_body": False})
+            await send({"type": "http.response.body", "body": b"".join(held) + events.error(failure),
+                        "more_body": False})
             return
         try:
             await self._audit(ex, error="response_failed" if events.failed else None)
         except E.GatewayError as exc:
-            await send({"type": "http.response.body", "body": events.error(exc), "more_body": False})
+            await send({"type": "http.response.body", "body": b"".join(held) + events.error(exc), "more_body": False})
             return
-        await send({"type": "http.response.body", "body": events.end(), "more_body": False})
+        await send({"type": "http.response.body", "body": b"".join(held) + events.end(), "more_body": False})
 
     async def _client_left(self, ex: Exchange) -> None:
         """The client hung up before its whole answer was ready: the replica was hung up on (it stops generating);

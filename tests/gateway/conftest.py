@@ -19,6 +19,7 @@ from openai import OpenAI
 from gateway.accounts import Accounts, KeySpec, TeamSpec, generate_secret
 from gateway.app import GatewayApp
 from gateway.config import GatewayConfig
+from gateway.http_protocol import CoalescingHttpToolsProtocol
 from sovereign.offline import offline_env
 from tests.gateway.fake_upstream import FakeUpstream, ThreadServer
 
@@ -71,7 +72,7 @@ def start_gateway(tmp_path):
         cfg = gateway_config(tmp_path / f"gw{len(servers)}", pools, **overrides)
         (tmp_path / f"gw{len(servers)}").mkdir(exist_ok=True)
         app = GatewayApp(cfg)
-        server = ThreadServer(app).__enter__()
+        server = ThreadServer(app, http=CoalescingHttpToolsProtocol).__enter__()  # as `sovereign gateway` serves
         servers.append(server)
         return GatewayHandle(server.url, cfg.bootstrap_key.get_secret_value(), app, app.accounts)
 

@@ -231,13 +231,14 @@ def free_port() -> int:
 class ThreadServer:
     """Run an ASGI app under uvicorn in a daemon thread (the httpx test-suite pattern)."""
 
-    def __init__(self, app, port: int | None = None, lifespan: str = "on", tls: tuple[str, str] | None = None) -> None:
+    def __init__(self, app, port: int | None = None, lifespan: str = "on", tls: tuple[str, str] | None = None,
+                 http: Any = "httptools") -> None:
         self.port = port or free_port()
         self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         cert, key = tls or (None, None)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                                     access_log=False, lifespan=lifespan, loop="asyncio",
-                                                    http="httptools", ssl_certfile=cert, ssl_keyfile=key))
+                                                    http=http, ssl_certfile=cert, ssl_keyfile=key))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> "ThreadServer":
