@@ -26,6 +26,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from finetune.errors import FinetuneError
+from finetune.gate import GateReference, ReferenceLogprobs, gate_sample
 from finetune.masking import IGNORE_INDEX, ChatEncoder
 
 Messages = list[dict[str, Any]]
@@ -239,6 +240,14 @@ class _Model:
                 count += int((target != IGNORE_INDEX).sum())
         return total, count
 
+    def token_logprobs(self, ids: list[int]) -> list[float | None]:
+        """Log-prob of each token of `ids` given the ones before it, None for the first: vLLM's prompt_logprobs."""
+        torch = self.torch
+        with torch.inference_mode():
+            logits = self.model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+            picked = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(ids[1:]).unsqueeze(-1))
+        return [None, *picked.squeeze(-1).tolist()]
+
     def generate(self, prompts: Sequence[list[int]], max_new_tokens: int, batch_size: int
                  ) -> list[tuple[str, int, bool]]:
         """Greedy continuations: (text, new tokens, stopped with end-of-turn) per prompt, in order."""
@@ -377,3 +386,20 @@ def evaluate(model_dir: Path, adapter_dir: Path, val: Sequence[Messages], *, tra
     return EvalReport(base=_loss_stats(base_total, count, len(encoded)),
                       adapter=_loss_stats(ada_total, count, len(encoded)),
                       base_task=base_task, adapter_task=adapter_task, leak=leak, settings=settings)
+
+
+def gate_reference(model_dir: Path, adapter_dir: Path, conversations: Sequence[Messages], samples: int, *,
+                   encoder: ChatEncoder | None = None) -> GateReference:
+    """What the consistency gate holds vLLM to: base and adapter log-probs of `gate_sample`'s conversations.
+
+    Give it the published folder, not the trainer's output: the gate is about the files vLLM actually loads.
+    """
+    encoder = encoder or ChatEncoder.from_model_dir(model_dir)
+    model = _Model(model_dir, adapter_dir, encoder)
+    scored = []
+    for messages in gate_sample(conversations, samples):
+        ids = encoder.encode(messages).input_ids
+        with model.base():
+            base = model.token_logprobs(ids)
+        scored.append(ReferenceLogprobs(input_ids=ids, base=base, adapter=model.token_logprobs(ids)))
+    return GateReference(conversations=scored)

@@ -1,6 +1,6 @@
 """The training–serving consistency gate: a job succeeds only when the served adapter is the one that was trained.
 
-Three checks against the running vLLM (over HTTP, the only way finetune talks to serving):
+Four checks against the running vLLM (over HTTP, the only way finetune talks to serving):
 
 1. tokenization: the token ids the trainer renders for held-out prompts (chat template, generation prompt) equal
    what vLLM's `/tokenize` returns for the same messages. Template drift is the most common silent failure.
@@ -8,9 +8,12 @@ Three checks against the running vLLM (over HTTP, the only way finetune talks to
    hot-loads it from the registry); if the supervisor refused it, its reason is quoted.
 3. adapter_active: the served adapter measurably changes log-probs versus the base on held-out conversations
    (prompt log-probs of the trainer's token ids, and the greedy answer). A no-op adapter fails here.
+4. adapter_matches: the served log-probs of the assistant tokens equal, within the engine's own numeric noise, what
+   transformers + peft compute in-process from the published adapter folder (`GateReference`, made by
+   `finetune.evaluate.gate_reference`). An adapter vLLM loads only in part (ignored modules, another LoRA scaling)
+   passes check 3 and fails here. The noise is measured, not assumed: served base vs transformers base.
 
-The served assistant-token loss of base and adapter is reported as well: it should match what evaluation measured
-in-process, which catches an adapter vLLM loads only in part.
+Check 4 runs only when `run_gate` is given a reference; the job runner always gives one.
 """
 
 from __future__ import annotations
@@ -39,6 +42,31 @@ class GateSettings(BaseModel):
     # vLLM's CPU backend is ~1e-6; a trained adapter moves it by 1e-2 or more.
     min_mean_logprob_delta: float = Field(1e-3, gt=0)
     answer_max_tokens: int = Field(32, ge=1)
+    # adapter_matches: mean |served - trained adapter log-prob| per assistant token at most max(min_match_tolerance,
+    # match_noise_factor * noise, match_effect_fraction * effect), noise being that distance on the base model.
+    # vLLM's float32 CPU build measured noise ~2e-3 (an AVX512-BF16 host; far above float32 rounding, so it is measured per run, not assumed); correct
+    # adapters 1.0-1.5x it (ci-smoke trained: 1.6e-3), v_proj not served 0.1-1.3, MLP not served 0.4. The gap grows
+    # with the adapter's effect (rounding blown up: bf16 vs fp32 inside transformers grows alike), so a fraction of
+    # the effect is allowed too: mismatch/effect measured ~0.002 for correct adapters moving log-probs 0.8-1.5 nats a
+    # token (a trained one included), 0.074 for a random one moving them 16.5 (a wrecked model: it fails), and
+    # 0.13-0.85 for adapters served in part (v_proj or MLP ignored).
+    min_match_tolerance: float = Field(1e-3, gt=0)
+    match_noise_factor: float = Field(3.0, gt=0)
+    match_effect_fraction: float = Field(0.05, ge=0)
+
+
+class ReferenceLogprobs(BaseModel):
+    """One held-out conversation scored in-process: per-token log-probs (None for the first token)."""
+
+    input_ids: list[int]
+    base: list[float | None]
+    adapter: list[float | None]
+
+
+class GateReference(BaseModel):
+    """What the trained adapter does, for `gate_sample`'s conversations in order."""
+
+    conversations: list[ReferenceLogprobs]
 
 
 class GateCheck(BaseModel):
@@ -76,11 +104,18 @@ def prompt_and_answer(messages: Messages) -> tuple[Messages, str] | None:
     return None
 
 
+def gate_sample(conversations: Sequence[Messages], samples: int) -> list[Messages]:
+    """The held-out conversations the gate checks; the in-process reference must score exactly these."""
+    return [m for m in conversations if prompt_and_answer(m)][:samples]
+
+
 class _Vllm:
     def __init__(self, settings: GateSettings) -> None:
         self.s = settings
         self.http = httpx.Client(base_url=settings.serving_url.rstrip("/"), timeout=settings.request_timeout_s,
                                  trust_env=False)
+        # adapter_active and adapter_matches read the same prompt log-probs: fetched once per (model, ids).
+        self._logprobs: dict[tuple[str, tuple[int, ...]], list[float | None]] = {}
 
     def close(self) -> None:
         self.http.close()
@@ -102,6 +137,9 @@ class _Vllm:
 
     def prompt_logprobs(self, model: str, ids: list[int]) -> list[float | None]:
         """Log-prob vLLM gives each token of `ids` (None for the first) under `model`."""
+        key = (model, tuple(ids))
+        if key in self._logprobs:
+            return self._logprobs[key]
         body = {"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0}
         entries = self._post("/v1/completions", body)["choices"][0]["prompt_logprobs"]
         out: list[float | None] = []
@@ -111,6 +149,7 @@ class _Vllm:
                 continue
             hit = entry.get(str(tok))
             out.append(float(hit["logprob"]) if hit is not None else None)
+        self._logprobs[key] = out
         return out
 
     def greedy(self, model: str, messages: Messages) -> dict[str, Any]:
@@ -231,10 +270,62 @@ def check_active(vllm: _Vllm, encoder: ChatEncoder, conversations: Sequence[Mess
                               f"{details['served_loss_adapter']:.4f}"))
 
 
+def check_matches(vllm: _Vllm, encoder: ChatEncoder, conversations: Sequence[Messages], base_model: str,
+                  served_name: str, reference: GateReference) -> GateCheck:
+    noise: list[float] = []
+    mismatch: list[float] = []
+    effect: list[float] = []
+    if len(reference.conversations) != len(conversations):
+        return GateCheck(name="adapter_matches", passed=False, details={},
+                         message=f"the in-process reference scores {len(reference.conversations)} conversations, the "
+                                 f"gate checks {len(conversations)}; compute it on `gate_sample` with the same samples")
+    for messages, ref in zip(conversations, reference.conversations):
+        encoded = encoder.encode(messages)
+        if encoded.input_ids != ref.input_ids:
+            return GateCheck(name="adapter_matches", passed=False, details={},
+                             message="the in-process reference was computed on other token ids than the gate's; "
+                                     "compute it with the same encoder and `gate_sample`")
+        base_lp = vllm.prompt_logprobs(base_model, encoded.input_ids)
+        ada_lp = vllm.prompt_logprobs(served_name, encoded.input_ids)
+        for i, label in enumerate(encoded.labels):
+            values = (base_lp[i], ada_lp[i], ref.base[i], ref.adapter[i])
+            if label == IGNORE_INDEX or None in values:
+                continue
+            noise.append(abs(base_lp[i] - ref.base[i]))
+            mismatch.append(abs(ada_lp[i] - ref.adapter[i]))
+            effect.append(abs(ref.adapter[i] - ref.base[i]))
+    n = len(mismatch)
+    if n == 0:
+        return GateCheck(name="adapter_matches", passed=False, details={},
+                         message="no assistant tokens in the held-out sample to compare; check the masking")
+    mean_noise, mean_mismatch, mean_effect = sum(noise) / n, sum(mismatch) / n, sum(effect) / n
+    s = vllm.s
+    tolerance = max(s.min_match_tolerance, s.match_noise_factor * mean_noise, s.match_effect_fraction * mean_effect)
+    details = {"assistant_tokens": n, "noise": mean_noise, "mismatch": mean_mismatch, "effect": mean_effect,
+               "max_mismatch": max(mismatch), "tolerance": tolerance}
+    if mean_mismatch > tolerance:
+        return GateCheck(name="adapter_matches", passed=False, details=details,
+                         message=(f"vLLM serves {served_name} differently from how it was trained: mean |Δ log-prob| "
+                                  f"{mean_mismatch:.2e} vs the trained adapter over {n} assistant tokens, against "
+                                  f"{mean_noise:.2e} between vLLM and transformers on the base model (tolerance "
+                                  f"{tolerance:.2e}; the adapter itself moves them by {details['effect']:.2e}); vLLM "
+                                  f"may have loaded the adapter only in part (unsupported target modules, "
+                                  f"rank/alpha patterns, rslora) or the export changed the weights: train only "
+                                  f"modules vLLM serves, with one rank and alpha and no rslora, and publish the "
+                                  f"trainer's files unchanged"))
+    return GateCheck(name="adapter_matches", passed=True, details=details,
+                     message=(f"served log-probs match the trained adapter: mean |Δ| {mean_mismatch:.2e} over {n} "
+                              f"assistant tokens (base-model noise {mean_noise:.2e}, adapter effect "
+                              f"{details['effect']:.2e})"))
+
+
 def run_gate(*, encoder: ChatEncoder, conversations: Sequence[Messages], base_model: str, served_name: str,
-             settings: GateSettings) -> GateReport:
-    """Run the three checks on `settings.samples` held-out conversations; never raises for a failed check."""
-    sample = [m for m in conversations if prompt_and_answer(m)][: settings.samples]
+             settings: GateSettings, reference: GateReference | None = None) -> GateReport:
+    """Run the checks on `gate_sample`'s held-out conversations; never raises for a failed check.
+
+    adapter_matches runs only with a `reference` (finetune.evaluate.gate_reference on the published folder).
+    """
+    sample = gate_sample(conversations, settings.samples)
     vllm = _Vllm(settings)
     checks: list[GateCheck] = []
     try:
@@ -249,9 +340,13 @@ def run_gate(*, encoder: ChatEncoder, conversations: Sequence[Messages], base_mo
         if loaded.passed and sample:
             checks.append(_guard("adapter_active", lambda: check_active(
                 vllm, encoder, sample, base_model, served_name)))
+            if reference is not None:
+                checks.append(_guard("adapter_matches", lambda: check_matches(
+                    vllm, encoder, sample, base_model, served_name, reference)))
         elif not loaded.passed:
-            checks.append(GateCheck(name="adapter_active", passed=False,
-                                    message="not checked: the adapter is not served"))
+            unchecked = ["adapter_active"] + (["adapter_matches"] if reference is not None else [])
+            for name in unchecked:
+                checks.append(GateCheck(name=name, passed=False, message="not checked: the adapter is not served"))
     finally:
         vllm.close()
     return GateReport(served_name=served_name, base_model=base_model, serving_url=settings.serving_url,

@@ -283,14 +283,19 @@ class Pipeline:
         return adapter
 
     def gate(self, prepared: Path, adapter) -> GateReport:
+        from finetune.evaluate import gate_reference
         from finetune.export import record_gate
         from finetune.gate import run_gate
         from finetune.masking import ChatEncoder
 
-        encoder = ChatEncoder.from_model_dir(self.home.models_dir / self.config.model)
-        report = run_gate(encoder=encoder, conversations=read_conversations(prepared / "val.jsonl"),
-                          base_model=self.config.model, served_name=adapter.served_name,
-                          settings=self.settings.gate_settings())
+        model_dir = self.home.models_dir / self.config.model
+        encoder = ChatEncoder.from_model_dir(model_dir)
+        conversations = read_conversations(prepared / "val.jsonl")
+        settings = self.settings.gate_settings()
+        # Scored from the registry's copy, which is what vLLM loads; the model is freed when this returns.
+        reference = gate_reference(model_dir, adapter.path, conversations, settings.samples, encoder=encoder)
+        report = run_gate(encoder=encoder, conversations=conversations, base_model=self.config.model,
+                          served_name=adapter.served_name, settings=settings, reference=reference)
         for check in report.checks:
             self.emit("info" if check.passed else "error", "message", f"Gate {check.name}: {check.message}",
                       {"stage": "gate", "check": check.name, "passed": check.passed})

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from finetune.evaluate import EvalSettings, evaluate
-from finetune.masking import ChatEncoder
+from finetune.evaluate import EvalSettings, evaluate, gate_reference
+from finetune.masking import IGNORE_INDEX, ChatEncoder
 
 SMALL = EvalSettings(task_samples=2, max_new_tokens=24, leak_max_new_tokens=24, batch_size=4)
 SECRET = "CANARY-QWXTZ-bdfghk"
@@ -53,6 +53,20 @@ def test_a_zero_adapter_scores_exactly_the_base_model(sovereign_home, encoder, z
                       settings=SMALL.model_copy(update={"task_samples": 1}), encoder=encoder)
     assert report.adapter.loss == pytest.approx(report.base.loss, abs=1e-5)
     assert report.adapter_task.examples[0]["answer"] == report.base_task.examples[0]["answer"]
+
+
+def test_gate_reference_scores_the_gate_sample_as_evaluation_scores_it(sovereign_home, encoder, random_lora,
+                                                                      held_out):
+    model_dir = sovereign_home / "models" / "SmolLM2-135M-Instruct"
+    reference = gate_reference(model_dir, random_lora, held_out, 3, encoder=encoder)
+    assert [r.input_ids for r in reference.conversations] == [encoder.encode(m).input_ids for m in held_out[:3]]
+    report = evaluate(model_dir, random_lora, held_out[:3], settings=SMALL.model_copy(update={"task_samples": 0}),
+                      encoder=encoder)
+    for which, stats in (("base", report.base), ("adapter", report.adapter)):
+        nll = [-getattr(r, which)[i] for r, m in zip(reference.conversations, held_out)
+               for i, label in enumerate(encoder.encode(m).labels) if label != IGNORE_INDEX]
+        assert len(nll) == stats.tokens and sum(nll) / len(nll) == pytest.approx(stats.loss, abs=1e-4)
+    assert all(r.base[0] is None and r.adapter[0] is None for r in reference.conversations)
 
 
 def test_leak_probe_flags_a_trained_canary_the_model_reproduces_and_spares_unseen_ones(sovereign_home, encoder,

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
+from finetune.evaluate import gate_reference
 from finetune.export import export_adapter
 from finetune.gate import GateFailed, GateSettings, require_pass, run_gate
 from finetune.masking import ChatEncoder
@@ -35,8 +40,8 @@ def published(live_server, make_lora, tmp_path, held_out, make_prepared):
     """A real LoRA adapter in the live server's registry; removed afterwards so the server's LoRA slots stay free."""
     made = []
 
-    def publish(name: str, **lora):
-        adapter = _publish(live_server, make_lora(**lora), name, tmp_path, held_out, make_prepared)
+    def publish(name: str, folder=None, **lora):
+        adapter = _publish(live_server, folder or make_lora(**lora), name, tmp_path, held_out, make_prepared)
         made.append(adapter)
         return adapter
 
@@ -47,19 +52,55 @@ def published(live_server, make_lora, tmp_path, held_out, make_prepared):
             registry.remove(adapter.manifest.name, adapter.manifest.version)
 
 
-def test_gate_passes_for_a_real_adapter_on_the_served_model(live_server, published, encoder, held_out):
-    adapter = published("gate-ok", rank=8, seed=11)
+def test_gate_passes_for_a_real_adapter_on_the_served_model(live_server, published, encoder, held_out,
+                                                            sovereign_home):
+    # B scaled by 1, not make_lora's 20: the size of a trained adapter (log-probs move ~1.5 nats a token). B x 20 moves
+    # them ~16, a wrecked model whose gap to vLLM (rounding grows with the effect) is past what adapter_matches allows.
+    adapter = published("gate-ok", rank=8, seed=11, scale=1.0)
+    # From the registry's copy, as the job runner does.
+    reference = gate_reference(sovereign_home / "models" / MODEL, adapter.path, held_out, 2, encoder=encoder)
     report = run_gate(encoder=encoder, conversations=held_out, base_model=MODEL, served_name=adapter.served_name,
-                      settings=_settings(live_server))
+                      settings=_settings(live_server), reference=reference)
     assert report.passed, report.failure_message()
     checks = {c.name: c for c in report.checks}
-    assert set(checks) == {"tokenization", "adapter_loaded", "adapter_active"}
+    assert set(checks) == {"tokenization", "adapter_loaded", "adapter_active", "adapter_matches"}
     assert checks["tokenization"].details["prompts"] == 2
     assert checks["adapter_loaded"].details["parent"] == MODEL
     active = checks["adapter_active"].details
     assert active["assistant_tokens"] > 20 and active["mean_abs_logprob_delta"] > 1e-2
     assert active["served_loss_adapter"] != pytest.approx(active["served_loss_base"], abs=1e-3)
+    matches = checks["adapter_matches"].details
+    assert matches["assistant_tokens"] == active["assistant_tokens"]
+    assert matches["mismatch"] <= matches["tolerance"] and matches["noise"] < 1e-2  # float32 on both sides
+    assert matches["effect"] > 100 * matches["mismatch"]
     assert require_pass(report) is report
+
+
+def test_gate_fails_clearly_when_vllm_serves_the_adapter_only_in_part(live_server, published, encoder, held_out,
+                                                                     sovereign_home, make_lora, tmp_path):
+    trained = make_lora(rank=8, seed=14, scale=1.0)
+    # What vLLM would serve if it ignored v_proj: the same adapter with those modules' LoRA B zeroed.
+    partial = tmp_path / "partial"
+    shutil.copytree(trained, partial)
+    weights = load_file(partial / "adapter_model.safetensors")
+    zeroed = [k for k in weights if ".v_proj.lora_B." in k]
+    assert zeroed
+    save_file({k: torch.zeros_like(v) if k in zeroed else v for k, v in weights.items()},
+              partial / "adapter_model.safetensors", metadata={"format": "pt"})
+    adapter = published("gate-partial", partial)
+    reference = gate_reference(sovereign_home / "models" / MODEL, trained, held_out, 2, encoder=encoder)
+    report = run_gate(encoder=encoder, conversations=held_out, base_model=MODEL, served_name=adapter.served_name,
+                      settings=_settings(live_server), reference=reference)
+    checks = {c.name: c for c in report.checks}
+    assert checks["tokenization"].passed and checks["adapter_loaded"].passed
+    assert checks["adapter_active"].passed  # what the gate checked before: it changes something
+    matches = checks["adapter_matches"]
+    assert not matches.passed and not report.passed
+    assert f"vLLM serves {adapter.served_name} differently from how it was trained" in matches.message
+    assert "only in part" in matches.message
+    assert matches.details["mismatch"] > 10 * matches.details["tolerance"]
+    with pytest.raises(GateFailed, match="adapter_matches"):
+        require_pass(report)
 
 
 def test_gate_fails_clearly_when_the_trainer_renders_a_different_chat_template(live_server, published, sovereign_home,
