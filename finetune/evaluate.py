@@ -194,7 +194,8 @@ def find_canary_manifest(train_file: Path | None) -> Path | None:
 class _Model:
     """One base model with the adapter attached; `base()` switches the adapter off for a block."""
 
-    def __init__(self, model_dir: Path, adapter_dir: Path, encoder: ChatEncoder) -> None:
+    def __init__(self, model_dir: Path, adapter_dir: Path, encoder: ChatEncoder, device: str = "cpu",
+                 dtype: Any = None) -> None:
         import torch
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, GenerationConfig
@@ -203,8 +204,9 @@ class _Model:
         hf_logging.disable_progress_bar()  # job logs want our events, not a bar per weight file
         self.torch = torch
         self.encoder = encoder
-        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)
-        self.model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+        self.device = torch.device(device)
+        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype or torch.float32, local_files_only=True)
+        self.model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False).to(self.device)
         self.model.eval()
         eos = {encoder.end_of_turn_id}
         if encoder.tokenizer.eos_token_id is not None:
@@ -232,6 +234,7 @@ class _Model:
                     ids[r, :len(row_ids)] = torch.tensor(row_ids)
                     labels[r, :len(row_labels)] = torch.tensor(row_labels)
                     mask[r, :len(row_ids)] = 1
+                ids, labels, mask = ids.to(self.device), labels.to(self.device), mask.to(self.device)
                 logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
                 target = labels[:, 1:]
                 nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
@@ -244,8 +247,9 @@ class _Model:
         """Log-prob of each token of `ids` given the ones before it, None for the first: vLLM's prompt_logprobs."""
         torch = self.torch
         with torch.inference_mode():
-            logits = self.model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
-            picked = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(ids[1:]).unsqueeze(-1))
+            logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0, :-1].float()
+            targets = torch.tensor(ids[1:], device=self.device).unsqueeze(-1)
+            picked = torch.log_softmax(logits, dim=-1).gather(-1, targets)
         return [None, *picked.squeeze(-1).tolist()]
 
     def generate(self, prompts: Sequence[list[int]], max_new_tokens: int, batch_size: int
@@ -265,7 +269,8 @@ class _Model:
                     mask[r, width - len(p):] = 1
                 config = copy.deepcopy(self.gen_config)
                 config.max_new_tokens = max_new_tokens
-                gen = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+                gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                          generation_config=config)
                 for r in range(len(rows)):
                     new = gen[r, width:].tolist()
                     stop_at = next((k for k, t in enumerate(new) if t in self.stop_ids), None)
@@ -356,11 +361,13 @@ def _common_prefix(a: str, b: str) -> int:
 
 def evaluate(model_dir: Path, adapter_dir: Path, val: Sequence[Messages], *, train: Sequence[Messages] = (),
              canaries: Sequence[str] = (), settings: EvalSettings | None = None,
-             encoder: ChatEncoder | None = None) -> EvalReport:
-    """Base vs adapter on held-out `val`; `train` is only searched for where the canaries landed."""
+             encoder: ChatEncoder | None = None, device: str = "cpu", dtype: Any = None) -> EvalReport:
+    """Base vs adapter on held-out `val`; `train` is only searched for where the canaries landed.
+
+    `device`/`dtype`: where the trainer ran (a job evaluates on its GPU, not a float32 copy in host memory)."""
     settings = settings or EvalSettings()
     encoder = encoder or ChatEncoder.from_model_dir(model_dir)
-    model = _Model(model_dir, adapter_dir, encoder)
+    model = _Model(model_dir, adapter_dir, encoder, device, dtype)
 
     held_out = list(val)[: settings.max_loss_conversations] if settings.max_loss_conversations else list(val)
     encoded = []
@@ -389,13 +396,13 @@ def evaluate(model_dir: Path, adapter_dir: Path, val: Sequence[Messages], *, tra
 
 
 def gate_reference(model_dir: Path, adapter_dir: Path, conversations: Sequence[Messages], samples: int, *,
-                   encoder: ChatEncoder | None = None) -> GateReference:
+                   encoder: ChatEncoder | None = None, device: str = "cpu", dtype: Any = None) -> GateReference:
     """What the consistency gate holds vLLM to: base and adapter log-probs of `gate_sample`'s conversations.
 
     Give it the published folder, not the trainer's output: the gate is about the files vLLM actually loads.
     """
     encoder = encoder or ChatEncoder.from_model_dir(model_dir)
-    model = _Model(model_dir, adapter_dir, encoder)
+    model = _Model(model_dir, adapter_dir, encoder, device, dtype)
     scored = []
     for messages in gate_sample(conversations, samples):
         ids = encoder.encode(messages).input_ids

@@ -88,3 +88,18 @@ def test_leak_probe_flags_a_trained_canary_the_model_reproduces_and_spares_unsee
     assert probes["CANARY-ZZZZZ-never"].split == "absent"
     assert report.leak.leaked == [SECRET] and not report.leak.passed and report.leak.trained == 1
     assert report.metrics()["canaries_leaked"] == 1
+
+
+def test_evaluation_runs_in_the_training_dtype_it_is_given(sovereign_home, encoder, random_lora, held_out):
+    # A job evaluates where and as it trained (bfloat16 on a GPU host); on this CPU the same path runs in bfloat16.
+    import torch
+
+    model_dir = sovereign_home / "models" / "SmolLM2-135M-Instruct"
+    settings = SMALL.model_copy(update={"task_samples": 1})
+    fp32 = evaluate(model_dir, random_lora, held_out[:2], settings=settings, encoder=encoder)
+    bf16 = evaluate(model_dir, random_lora, held_out[:2], settings=settings, encoder=encoder, device="cpu",
+                    dtype=torch.bfloat16)
+    assert bf16.base.tokens == fp32.base.tokens
+    assert bf16.base.loss == pytest.approx(fp32.base.loss, rel=0.05) and bf16.base.loss != fp32.base.loss
+    assert bf16.adapter.loss == pytest.approx(fp32.adapter.loss, rel=0.1)
+    assert bf16.adapter_task.samples == 1
