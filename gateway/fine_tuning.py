@@ -165,7 +165,8 @@ class FineTuning:
             launcher = KubernetesLauncher(ft.kubernetes)
         else:
             launcher = LocalLauncher(ft, home, config.models)
-        self.runner = JobRunner(ft, self.jobs, launcher, on_succeeded=on_succeeded)
+        self.runner = JobRunner(ft, self.jobs, launcher, on_succeeded=on_succeeded,
+                                adapters_dir=None if ft.runner == "kubernetes" else home.adapters_dir)
         self.app = self._build_app(directory, base_models, ft.runner, ft.preset, ft.max_file_bytes)
 
     def owner(self, model: str) -> str | None:

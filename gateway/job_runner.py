@@ -8,7 +8,9 @@ machine rebooted) is marked failed with the reason; that check also runs at gate
 gateway created (`runner` set) are managed: `sovereign finetune run` jobs run in their own process.
 
 An adapter a job names (`fine_tuned_model`, or `adapter`, which the worker writes before publishing it) belongs to
-the job's team whatever the job's status: a cancelled or failed job's adapter may still be served for a while.
+the job's team whatever the job's status: a cancelled or failed job's adapter may still be served for a while. The
+worker removes what it published when its job does not succeed; for a worker killed before it could (out of memory,
+SIGKILL), the local runner removes it once the job has ended.
 """
 
 from __future__ import annotations
@@ -147,10 +149,12 @@ class LocalLauncher:
 # --------------------------------------------------------------------------------------------- the scheduler
 class JobRunner:
     def __init__(self, config: FineTuningConfig, store: JobStore, launcher: Launcher,
-                 on_succeeded: Callable[[JobRecord], Awaitable[None]] | None = None) -> None:
+                 on_succeeded: Callable[[JobRecord], Awaitable[None]] | None = None,
+                 adapters_dir: Path | None = None) -> None:
         self.config = config
         self.store = store
         self.launcher = launcher
+        self.adapters_dir = adapters_dir  # the registry, where this gateway shares the workers' disk (local runner)
         self.on_succeeded = on_succeeded
         self.owners: dict[str, str] = {}  # adapter served name -> team whose job made it (rebuilt every round)
         self._named: dict[str, list[tuple[str, str, bool]]] = {}  # job id -> [(adapter, team, still published)]
@@ -241,6 +245,8 @@ class JobRunner:
                 self._finished.add(job_id)
                 if record.status == "succeeded":
                     succeeded.append(record)
+                else:
+                    self._remove_leftover_adapter(record)
                 continue
             if not (record.model_extra or {}).get("runner"):
                 continue  # not a gateway job
@@ -337,6 +343,35 @@ class JobRunner:
                 self.store.append_event(job_id, "Fine-tuning job cancelled")
             return
         self._fail(job_id, "worker_died", state.detail or "the fine-tune worker is gone")
+
+    def _remove_leftover_adapter(self, record: JobRecord) -> None:
+        """A worker killed after publishing (out of memory, SIGKILL past the cancel grace) could not remove its
+        adapter, so clients of its team could still call the adapter of a failed job: only a succeeded job leaves one.
+        """
+        extra = record.model_extra or {}
+        served = extra.get("adapter")
+        if self.adapters_dir is None or not isinstance(served, str) or extra.get("adapter_removed_at"):
+            return
+        from serving.adapters import AdapterRegistry
+        from serving.errors import AdapterNotFound, ServingError
+
+        name, _, version = served.rpartition("@")
+        if not name or not version:
+            return
+        try:
+            AdapterRegistry(self.adapters_dir).remove(name, version)
+        except AdapterNotFound:
+            pass
+        except ServingError as exc:  # it stays its team's (the record names it); say so where the team looks
+            self.store.append_event(record.id, f"Could not remove adapter {served}: {exc}", level="error")
+            return
+        with job_record_lock(self.store.job_dir(record.id)):
+            current = self.store.read(record.id)
+            if current is None:
+                return
+            self.store.write(current.model_copy(update={"adapter_removed_at": int(time.time())}))
+        self.store.append_event(record.id, f"Removed adapter {served}: the job did not succeed")
+        log.info("removed the adapter of a job that did not succeed", extra={"job_id": record.id, "model": served})
 
     def _fail(self, job_id: str, code: str, message: str) -> None:
         error = {"code": code, "message": message, "param": None}

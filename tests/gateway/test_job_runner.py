@@ -344,3 +344,36 @@ def test_a_job_cancelled_by_another_gateway_while_being_started_is_stopped_by_th
     launcher.launch = launch_while_cancelled
     runner.scan()
     assert launcher.stopped == [(record.id, False)]
+
+
+@pytest.mark.parametrize("killed_as", ["running", "cancelled"])
+def test_the_runner_removes_the_adapter_of_a_worker_killed_after_publishing(tmp_path, killed_as):
+    # Out of memory during the gate, or SIGKILL past a cancel's grace: the worker never removed what it published,
+    # so the team could still call the adapter of a job that did not succeed.
+    home = HomeSettings(home=tmp_path)
+    runner, store, launcher = stub_runner(tmp_path, adapters_dir=home.adapters_dir)
+    kept = _stand_in_registry(home, "secret", "v1")
+    other = _stand_in_registry(home, "secret", "v2")  # another job's version of the same name stays
+    record = add_job(store, status="queued", adapter="secret@v1")
+    runner.scan()
+    assert launcher.launched == [record.id]
+    if killed_as == "cancelled":
+        runner.cancel(record.id)
+    launcher.finish(record.id)  # the worker is gone without a word
+    runner.scan()  # failed (worker_died), or the cancel's worker no longer stopping
+    runner.scan()
+    final = store.read(record.id)
+    assert final.status == ("failed" if killed_as == "running" else "cancelled")
+    assert not kept.path.exists() and other.path.exists()
+    assert final.model_extra["adapter_removed_at"]
+    assert any("Removed adapter secret@v1" in e["message"] for e in store.events(record.id))
+    assert runner.owners.get("secret@v1") == "a"  # replicas may serve it until their next poll: still the team's
+
+
+def test_a_succeeded_jobs_adapter_is_never_removed_by_the_runner(tmp_path):
+    home = HomeSettings(home=tmp_path)
+    runner, store, launcher = stub_runner(tmp_path, adapters_dir=home.adapters_dir)
+    adapter = _stand_in_registry(home, "good", "v1")
+    add_job(store, status="succeeded", adapter="good@v1", fine_tuned_model="good@v1")
+    runner.scan()
+    assert adapter.path.exists()
