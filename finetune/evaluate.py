@@ -19,7 +19,7 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -361,13 +361,26 @@ def _common_prefix(a: str, b: str) -> int:
 
 def evaluate(model_dir: Path, adapter_dir: Path, val: Sequence[Messages], *, train: Sequence[Messages] = (),
              canaries: Sequence[str] = (), settings: EvalSettings | None = None,
-             encoder: ChatEncoder | None = None, device: str = "cpu", dtype: Any = None) -> EvalReport:
+             encoder: ChatEncoder | None = None, device: str = "cpu", dtype: Any = None,
+             progress: Callable[[str, int, int], None] | None = None) -> EvalReport:
     """Base vs adapter on held-out `val`; `train` is only searched for where the canaries landed.
 
-    `device`/`dtype`: where the trainer ran (a job evaluates on its GPU, not a float32 copy in host memory)."""
+    `device`/`dtype`: where the trainer ran (a job evaluates on its GPU, not a float32 copy in host memory).
+    `progress(what, step, steps)` is called before each of its phases (a job reports it and may stop there).
+    """
     settings = settings or EvalSettings()
     encoder = encoder or ChatEncoder.from_model_dir(model_dir)
     model = _Model(model_dir, adapter_dir, encoder, device, dtype)
+    samples = [s for s in (split_last_answer(m) for m in val) if s][: settings.task_samples]
+    phases = ["validation loss, base model", "validation loss, adapter"]
+    if samples:
+        phases += [f"answers to {len(samples)} held-out prompts, base model",
+                   f"answers to {len(samples)} held-out prompts, adapter"]
+    phases.append("leak probe")
+
+    def phase(i: int) -> None:
+        if progress is not None:
+            progress(phases[i], i + 1, len(phases))
 
     held_out = list(val)[: settings.max_loss_conversations] if settings.max_loss_conversations else list(val)
     encoded = []
@@ -377,18 +390,22 @@ def evaluate(model_dir: Path, adapter_dir: Path, val: Sequence[Messages], *, tra
         except FinetuneError:
             continue  # too long or untrainable: prepare reported it; the trainer skips it too
         encoded.append((e.input_ids, e.labels))
+    phase(0)
     with model.base():
         base_total, count = model.loss(encoded, settings.batch_size)
+    phase(1)
     ada_total, _ = model.loss(encoded, settings.batch_size)
 
-    samples = [s for s in (split_last_answer(m) for m in val) if s][: settings.task_samples]
     base_task = adapter_task = None
     if samples:
         prompts = [encoder.render_ids(msgs, add_generation_prompt=True) for msgs, _ in samples]
+        phase(2)
         with model.base():
             base_task = _task(model, samples, prompts, settings)
+        phase(3)
         adapter_task = _task(model, samples, prompts, settings)
 
+    phase(len(phases) - 1)
     leak = probe_canaries(model, canaries, {"train": list(train), "val": list(val)}, settings)
     return EvalReport(base=_loss_stats(base_total, count, len(encoded)),
                       adapter=_loss_stats(ada_total, count, len(encoded)),

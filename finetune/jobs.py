@@ -235,7 +235,7 @@ class Pipeline:
         report = evaluate(self.home.models_dir / self.config.model, adapter_dir,
                           read_conversations(prepared / "val.jsonl"),
                           train=read_conversations(prepared / "train.jsonl"), canaries=canaries, settings=settings,
-                          **self._placement())
+                          progress=self._evaluation_progress, **self._placement())
         m = report.metrics()
         self.emit("info", "metrics", f"Validation loss {m['val_loss_base']:.4f} (base) -> {m['val_loss']:.4f} "
                   f"(adapter); perplexity {m['val_perplexity_base']:.2f} -> {m['val_perplexity']:.2f}",
@@ -252,6 +252,11 @@ class Pipeline:
                 raise LeakDetected(message)
             self.emit("warn", "message", message, {"stage": "evaluate", "leaked": report.leak.leaked})
         return report
+
+    def _evaluation_progress(self, what: str, step: int, steps: int) -> None:
+        self.check_cancel()  # a cancel is noticed between phases, not only once the whole stage is done
+        self.emit("info", "message", f"Evaluating: {what} ({step}/{steps})",
+                  {"stage": "evaluate", "step": step, "steps": steps})
 
     def _placement(self) -> dict[str, Any]:
         """Evaluation runs where training ran: on a GPU host the model is scored there in the training dtype, not as

@@ -103,3 +103,12 @@ def test_evaluation_runs_in_the_training_dtype_it_is_given(sovereign_home, encod
     assert bf16.base.loss == pytest.approx(fp32.base.loss, rel=0.05) and bf16.base.loss != fp32.base.loss
     assert bf16.adapter.loss == pytest.approx(fp32.adapter.loss, rel=0.1)
     assert bf16.adapter_task.samples == 1
+
+
+def test_evaluation_reports_each_phase_before_it_runs(sovereign_home, encoder, zero_lora, held_out):
+    seen = []
+    evaluate(sovereign_home / "models" / "SmolLM2-135M-Instruct", zero_lora, held_out[:2], encoder=encoder,
+             settings=SMALL.model_copy(update={"task_samples": 1}), progress=lambda *a: seen.append(a))
+    assert seen == [("validation loss, base model", 1, 5), ("validation loss, adapter", 2, 5),
+                    ("answers to 1 held-out prompts, base model", 3, 5),
+                    ("answers to 1 held-out prompts, adapter", 4, 5), ("leak probe", 5, 5)]
