@@ -93,16 +93,8 @@ class FakeUpstream:
                                                 "code": 400})
         if "__slow__" in text:
             await asyncio.sleep(self.slow_s)
-        if "__hold__" in text and not req.get("stream"):  # a long generation: the answer comes after slow_s...
-            t = time.monotonic()
-            try:
-                message = await asyncio.wait_for(receive(), self.slow_s)
-            except TimeoutError:
-                pass
-            else:
-                if message["type"] == "http.disconnect":  # ...unless the gateway hangs up first
-                    self.aborted_after.append(time.monotonic() - t)
-                    return
+        if "__hold__" in text and not req.get("stream") and await self._hung_up(receive):  # a long generation
+            return
         model = req.get("model", self.model)
         if path == "/v1/embeddings":
             if not self.embeddings:  # what vLLM's server answers when its model is not an embeddings model
@@ -133,16 +125,8 @@ class FakeUpstream:
         obj += ".chunk" if chat else ""
         if "__split__" in text:  # every event cut into 7-byte pieces, each its own write: events span reads
             send = _split_sender(send)
-        if "__prefill__" in text:  # a queued or long prefill: no token yet
-            t = time.monotonic()
-            try:
-                message = await asyncio.wait_for(receive(), self.slow_s)
-            except TimeoutError:
-                pass
-            else:
-                if message["type"] == "http.disconnect":
-                    self.aborted_after.append(time.monotonic() - t)
-                    return
+        if "__prefill__" in text and await self._hung_up(receive):  # a queued or long prefill: no token yet
+            return
 
         def event(payload: dict) -> dict:
             return {"type": "http.response.body", "body": b"data: " + orjson.dumps(payload) + b"\n\n",
@@ -166,6 +150,18 @@ class FakeUpstream:
             await send(event({"id": rid, "object": obj, "created": created, "model": model, "choices": [],
                               "usage": usage}))
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    async def _hung_up(self, receive) -> bool:
+        """Wait up to slow_s for the gateway to hang up (how long it took goes into `aborted_after`)."""
+        t = time.monotonic()
+        try:
+            message = await asyncio.wait_for(receive(), self.slow_s)
+        except TimeoutError:
+            return False
+        if message["type"] != "http.disconnect":
+            return False
+        self.aborted_after.append(time.monotonic() - t)
+        return True
 
     async def _responses(self, send, req: dict, text: str, model: str) -> None:
         """The Responses API as vLLM serves it: a response object, or typed events ending in response.completed."""
