@@ -1,8 +1,8 @@
 """Pools of vLLM replicas per base model, adapter discovery, health checks and least-outstanding-requests choice.
 
 Each replica is polled every `health_check_interval_s` on `GET /v1/models`: a 200 marks it healthy and tells which
-LoRA adapters it serves (entries whose `parent` is a base model); a refused connection, or two failed polls in a row,
-mark it unhealthy. A connection failure on the request path marks a replica unhealthy at once, so the next request
+LoRA adapters it serves (entries whose `parent` is a base model); a refused connection, a failed poll of a replica
+that never answered, or two failed polls in a row mark it unhealthy. A connection failure on the request path marks a replica unhealthy at once, so the next request
 goes elsewhere without waiting for the poll.
 """
 
@@ -142,12 +142,13 @@ class Router:
             replica.last_seen = time.time()
             replica.probe_failures = 0
         except Exception as exc:
-            # Nothing listening is final; a slow or failed answer (a replica busy with a burst, a restart's first
-            # seconds) takes two probes in a row, or one late probe would turn a lone replica's traffic into 503s
-            # and its gateway unready until the next round.
+            # Nothing listening, or a replica that never answered (not started, a name that does not resolve), is
+            # out at once; one that answered before gets a second probe after a slow or failed one (a burst, a
+            # restart's first seconds), or one late probe would turn a lone replica's traffic into 503s and its
+            # gateway unready until the next round.
             replica.probe_failures += 1
             error = f"{type(exc).__name__}: {exc}"[:300]
-            if replica.probe_failures >= PROBE_FAILURES_TO_MARK or _refused(exc):
+            if replica.probe_failures >= PROBE_FAILURES_TO_MARK or _refused(exc) or not replica.last_seen:
                 self.mark_failed(replica, error)
             else:
                 replica.last_error = error

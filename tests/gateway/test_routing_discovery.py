@@ -60,6 +60,7 @@ def test_one_late_health_probe_does_not_take_a_replica_out_but_two_do():
             seen = []
             async with aiohttp.ClientSession() as session:
                 router._session = session
+                router.replicas[url].last_seen = time.time()  # it answered before: one late probe is forgiven
                 for _ in range(2):
                     await router.probe_all()
                     r = router.replicas[url]
@@ -85,3 +86,21 @@ def test_a_refused_connection_takes_a_replica_out_at_the_first_probe(upstream):
         asyncio.run(probe())
     assert not router.replicas[url].healthy and "cannot connect" in router.replicas[url].last_error.lower()
     assert router.replicas[upstream.url].healthy
+
+
+def test_a_replica_that_never_answered_is_out_at_its_first_failed_probe():
+    import socket
+
+    with socket.socket() as silent:  # accepts connections, never answers: not started yet, or not this service
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        router = Router({"fake-model": [url]}, health_interval_s=60, probe_timeout_s=0.2)
+
+        async def probe() -> None:
+            async with aiohttp.ClientSession() as session:
+                router._session = session
+                await router.probe_all()
+
+        asyncio.run(probe())
+    assert not router.replicas[url].healthy and router.healthy_count() == 0
