@@ -2,8 +2,8 @@
 
 Each replica is polled every `health_check_interval_s` on `GET /v1/models`: a 200 marks it healthy and tells which
 LoRA adapters it serves (entries whose `parent` is a base model); a refused connection, a failed poll of a replica
-that never answered, or two failed polls in a row mark it unhealthy. A connection failure on the request path marks a replica unhealthy at once, so the next request
-goes elsewhere without waiting for the poll.
+that never answered, or two failed polls in a row mark it unhealthy. A connection failure on the request path marks a
+replica unhealthy at once, so the next request goes elsewhere without waiting for the poll.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The gateway's uvicorn protocol writes a response's head with the first part of its body: one write per JSON answer."""
+"""The gateway's uvicorn protocol writes a response's head with its body's first part: one write per JSON answer."""
 
 from __future__ import annotations
 
