@@ -118,6 +118,9 @@ class ResponseEvents:
             return False
         return True
 
+    def flush(self) -> None:
+        """Nothing waits: a Responses stream's text deltas are few next to its other events."""
+
     def end(self) -> bytes:
         return b"".join(self.tail)
 

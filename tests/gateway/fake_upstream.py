@@ -5,6 +5,7 @@ before any byte), `__slow__` (headers only after `slow_s`), `__stall__` (one chu
 chunk, then the connection drops), `__trickle__` (0.2 s between chunks), `__vllm_error__` (a 400 in vLLM's own error shape), `__prefill__` (stream
 headers, then nothing for `slow_s` unless the gateway hangs up: how long that took goes into `aborted_after`),
 `__hold__` (a non-streamed answer only after `slow_s`, unless the gateway hangs up first: into `aborted_after` too).
+`__ping__` (an SSE comment line before every stream chunk, as some servers send to keep a connection open).
 `FakeUpstream.requests` keeps every body received, so tests can check what the gateway forwarded.
 """
 
@@ -136,6 +137,8 @@ class FakeUpstream:
             piece = w if i == 0 else " " + w
             choice = ({"index": 0, "delta": {"content": piece} if i else {"role": "assistant", "content": piece},
                        "finish_reason": None} if chat else {"index": 0, "text": piece, "finish_reason": None})
+            if "__ping__" in text:
+                await send({"type": "http.response.body", "body": b": ping\n\n", "more_body": True})
             await send(event({"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}))
             if "__die__" in text and i == 1:
                 raise RuntimeError("fake upstream drops the connection mid-stream")

@@ -43,6 +43,18 @@ def test_every_request_has_an_audit_record_and_the_chain_verifies(gw):
     assert verify(gw.app.config.resolved_database_url()).ok
 
 
+@pytest.mark.parametrize("extra", ["", " __ping__", " __split__"])
+def test_a_long_streamed_answer_is_audited_whole(gw, extra):
+    """Chunks are read for the audit in batches: across batches, comment lines and events cut over reads."""
+    prompt = " ".join(f"w{i}" for i in range(150)) + extra
+    c = gw.client(gw.key("longform", audit_content="redacted"))
+    stream = c.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": prompt}],
+                                       max_tokens=200, stream=True)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert text == "Echo: " + prompt
+    assert audit_rows(gw)[-1]["completion"] == text
+
+
 def test_adapter_requests_are_audited_with_their_base_model(gw):
     gw.client(gw.key()).chat.completions.create(model="support@1", messages=USER)
     row = audit_rows(gw)[-1]
