@@ -156,14 +156,17 @@ class Response:
             if self.complete:
                 return b""
             await self._wait()
-        data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._drain())
+        data = self._take()
         self._buffered = 0
         self._resume()
         return data
 
-    def _drain(self):
-        while self._chunks:
-            yield self._chunks.popleft()
+    def _take(self) -> bytes:
+        """Everything buffered, as one piece (a chunked body arrives as one buffered piece per chunk)."""
+        chunks = self._chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        return data
 
     async def read(self) -> bytes:
         """The whole body. Unbounded by design (the back-pressure of `on_body` is for streams: a JSON answer is
@@ -171,7 +174,7 @@ class Response:
         while not self.complete:
             self._resume()
             await self._wait()
-        return b"".join(self._drain())
+        return self._take()
 
     def _resume(self) -> None:
         if self.conn.transport is not None and not self.conn.closed:
