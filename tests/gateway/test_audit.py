@@ -14,9 +14,11 @@ import time
 import pytest
 import sqlalchemy as sa
 from gw_stores import REPO, pg_url, sqlite_url, worker_cmd  # noqa: F401  (fixtures)
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from gateway.audit import AuditRecord, export, open_audit_log, record_hash, verify, verify_jsonl
+from gateway.audit import AuditRecord, canonical_json, export, open_audit_log, record_hash, verify, verify_jsonl
 from sovereign.offline import offline_env
 
 
@@ -187,6 +189,32 @@ def test_sqlite_wal_starts_over_under_a_steady_stream_of_group_commits(sqlite_ur
     assert wal_bytes < 1_500_000, wal_bytes
     result = verify(sqlite_url)
     assert result.ok and result.count == 3200, result
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-2**80, max_value=2**80) | st.floats(allow_nan=False)
+    | st.text(), lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON_VALUES)
+def test_canonical_json_is_byte_for_byte_what_every_chain_was_hashed_with(value):
+    """Records hashed before the encoder was built once must still verify: the bytes may never change."""
+    try:
+        expected = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError:  # infinity
+        with pytest.raises(ValueError):
+            canonical_json(value)
+        return
+    assert canonical_json(value) == expected
+
+
+def test_canonical_json_refuses_what_json_refuses():
+    with pytest.raises(ValueError):
+        canonical_json({"latency_ms": float("nan")})
+    with pytest.raises(TypeError):
+        canonical_json({"when": object()})
 
 
 def test_reopening_continues_the_chain(db_url):
