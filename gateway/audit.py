@@ -354,14 +354,13 @@ class _ChainSink:
         written, when another connection holds the write lock, instead of waiting up to the busy timeout."""
         if self._conn is None:
             self._conn = self._engine.raw_connection()
+            if not self._pg:  # waiting is the exception (`_begin`): two pragmas per commit cost ~15 µs
+                self._conn.dbapi_connection.execute("PRAGMA busy_timeout=0")
         conn = self._conn.dbapi_connection  # the pool's wrapper forwards each call through __getattr__
         try:
             cur = conn.cursor()
             if not self._pg:
-                if wait:
-                    cur.execute("BEGIN IMMEDIATE")  # the write lock first: no other process can extend this head now
-                else:
-                    self._begin_now(cur)
+                self._begin(cur, wait)  # the write lock first: no other process can extend this head now
             cur.execute(self._head)
             last_id, last_hash = cur.fetchone()
             first = last_id + 1
@@ -384,14 +383,22 @@ class _ChainSink:
         return list(range(first, last_id + 1))
 
     @staticmethod
-    def _begin_now(cur: Any) -> None:
-        with _no_busy_wait(cur):
-            try:
-                cur.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                    raise
+    def _begin(cur: Any, wait: bool) -> None:
+        """BEGIN IMMEDIATE; when another connection holds the write lock, wait up to the busy timeout for it, or
+        raise _WriteLockBusy at once (`wait=False`)."""
+        try:
+            cur.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise
+            if not wait:
                 raise _WriteLockBusy() from None
+        cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        try:
+            cur.execute("BEGIN IMMEDIATE")
+        finally:
+            cur.execute("PRAGMA busy_timeout=0")
 
     def _discard(self) -> None:
         """Roll back and drop the connection: the next batch starts on a fresh one (a restarted database, say)."""
