@@ -102,6 +102,9 @@ class TrainingSettings(_Section):
     # A micro batch is packed rows of up to `max_seq_len` tokens, at most `micro_batch_tokens` tokens in all.
     micro_batch_tokens: int = Field(4096, ge=16)
     gradient_accumulation_steps: int = Field(4, ge=1)
+    # Conversations per optimizer step (OpenAI's `batch_size`), each step packed into micro batches of its own; None:
+    # a step is `gradient_accumulation_steps` micro batches, however many conversations they hold.
+    batch_size: int | None = Field(None, ge=1)
     max_seq_len: int = Field(1024, ge=16)  # a longer conversation is left out of training (reported)
     packing: bool = True
     seed: int = 42

@@ -359,6 +359,8 @@ def config_for_job(record: JobRecord, settings: RunnerSettings, files_dir: Path)
     training = dict(data.get("training", {}))
     if isinstance(hp.get("n_epochs"), int):
         training["epochs"] = hp["n_epochs"]
+    if isinstance(hp.get("batch_size"), int):
+        training["batch_size"] = hp["batch_size"]
     if isinstance(hp.get("learning_rate_multiplier"), (int, float)):
         training["learning_rate"] = training.get("learning_rate", 2e-4) * float(hp["learning_rate_multiplier"])
     if record.seed is not None:

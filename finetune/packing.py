@@ -88,23 +88,32 @@ def group_micro_batches(rows: Sequence[Row], lengths: Sequence[int], micro_batch
 
 
 def plan_epoch(lengths: Sequence[int], *, epoch: int, seed: int, max_seq_len: int, micro_batch_tokens: int,
-               accumulation: int, packing: bool = True, shuffle: bool = True) -> list[Step]:
-    """The optimizer steps of one epoch: shuffled (seeded by seed and epoch), packed, grouped, accumulated."""
+               accumulation: int, packing: bool = True, shuffle: bool = True,
+               batch_size: int | None = None) -> list[Step]:
+    """The optimizer steps of one epoch: shuffled (seeded by seed and epoch), packed, grouped, accumulated.
+
+    `batch_size`: each step is that many conversations (the last one fewer), packed and grouped on their own;
+    `accumulation` is then unused."""
     order = list(range(len(lengths)))
     if shuffle:
         random.Random(f"{seed}:{epoch}").shuffle(order)
+    if batch_size is not None:
+        return [group_micro_batches(pack_rows(lengths, order[i:i + batch_size], max_seq_len, packing=packing),
+                                    lengths, micro_batch_tokens) for i in range(0, len(order), batch_size)]
     rows = pack_rows(lengths, order, max_seq_len, packing=packing)
     micro = group_micro_batches(rows, lengths, micro_batch_tokens)
     return [micro[i:i + accumulation] for i in range(0, len(micro), accumulation)]
 
 
 def plan_training(lengths: Sequence[int], *, epochs: int, seed: int, max_seq_len: int, micro_batch_tokens: int,
-                  accumulation: int, packing: bool = True, max_steps: int | None = None) -> list[tuple[int, Step]]:
+                  accumulation: int, packing: bool = True, max_steps: int | None = None,
+                  batch_size: int | None = None) -> list[tuple[int, Step]]:
     """Every optimizer step of the run as (epoch, step), cut at max_steps."""
     plan: list[tuple[int, Step]] = []
     for epoch in range(epochs):
         for step in plan_epoch(lengths, epoch=epoch, seed=seed, max_seq_len=max_seq_len,
-                               micro_batch_tokens=micro_batch_tokens, accumulation=accumulation, packing=packing):
+                               micro_batch_tokens=micro_batch_tokens, accumulation=accumulation, packing=packing,
+                               batch_size=batch_size):
             plan.append((epoch, step))
             if max_steps is not None and len(plan) >= max_steps:
                 return plan

@@ -182,7 +182,7 @@ class LoraRecipe:
         self.plan = plan_training(lengths, epochs=self.t.epochs, seed=self.t.seed, max_seq_len=self.t.max_seq_len,
                                   micro_batch_tokens=self.t.micro_batch_tokens,
                                   accumulation=self.t.gradient_accumulation_steps, packing=self.packing,
-                                  max_steps=self.t.max_steps)
+                                  max_steps=self.t.max_steps, batch_size=self.t.batch_size)
         self.val_plan = [mb for step in plan_epoch([len(e) for e in self.val_set], epoch=0, seed=0,
                                                    max_seq_len=self.t.max_seq_len,
                                                    micro_batch_tokens=self.t.micro_batch_tokens, accumulation=1,
@@ -290,7 +290,8 @@ class LoraRecipe:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens, "trainable_tokens": n_targets}
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens, "trainable_tokens": n_targets,
+                "conversations": sum(len(row) for mb in step for row in mb)}
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -66,6 +66,10 @@ def test_openai_hyperparameters_and_suffix_go_on_top_of_the_preset(tmp_path):
     assert cfg.data.train_file == uploaded and cfg.data.prepared_dir is None
     assert cfg.training.epochs == 2 and cfg.training.seed == 9
     assert cfg.training.learning_rate == pytest.approx(1e-3 * 0.5)  # ci-smoke's 1e-3 times the multiplier
+    assert cfg.training.batch_size is None  # "auto": the preset's token-budget steps
+
+    sized = record.model_copy(update={"hyperparameters": {"batch_size": 8}})
+    assert config_for_job(sized, RunnerSettings.load(None), home.files_dir).training.batch_size == 8
 
     newer = JobRecord(id="ftjob-2", model="SmolLM2-135M-Instruct", training_file=str(uploaded), config="ci-smoke",
                       method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3}}})

@@ -45,6 +45,21 @@ def test_plan_is_deterministic_and_differs_between_epochs():
     assert len(plan) == 10 and plan[0][0] == 0
 
 
+def test_a_batch_size_makes_every_step_that_many_conversations():
+    lengths = lengths_of(100, seed=3)
+    kw = dict(seed=7, max_seq_len=512, micro_batch_tokens=1024, accumulation=2)
+    for epoch in (0, 1):
+        steps = plan_epoch(lengths, epoch=epoch, batch_size=16, **kw)
+        counts = [sum(len(row) for mb in step for row in mb) for step in steps]
+        assert counts == [16] * 6 + [4]  # 100 conversations: six full steps and the rest
+        seen = [i for step in steps for mb in step for row in mb for i in row]
+        assert sorted(seen) == list(range(100))  # each once per epoch
+        for mb in (mb for step in steps for mb in step):
+            assert len(mb) * max(sum(lengths[i] for i in row) for row in mb) <= 1024
+    plan = plan_training(lengths, epochs=2, batch_size=16, **kw)
+    assert len(plan) == 14
+
+
 def test_collate_restarts_positions_and_shifts_targets_within_each_conversation():
     a = Example.from_encoded(Encoded([1, 10, 11, 2], [IGNORE_INDEX, IGNORE_INDEX, 11, 2]))
     b = Example.from_encoded(Encoded([1, 20, 21, 22, 2], [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 22, 2]))
