@@ -82,6 +82,13 @@ def packed_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.float(), batch.targets[where], reduction="sum")
 
 
+def settings_fingerprint(config: FinetuneConfig) -> str:
+    """The settings a checkpoint records and a resume must match. A setting added in a later release is left out
+    while unset, so a run checkpointed before the upgrade still resumes instead of starting over."""
+    added_later = {"batch_size"} if config.training.batch_size is None else set()
+    return config.model_dump_json(include={"model", "lora", "training"}, exclude={"training": added_later})
+
+
 def read_conversations(path: Path) -> list[list[dict[str, Any]]]:
     """The `messages` of each line of a prepared OpenAI chat JSONL file."""
     if not path.is_file():
@@ -238,7 +245,7 @@ class LoraRecipe:
         h = hashlib.sha256()
         for name in ("train.jsonl", "val.jsonl"):
             h.update((self.prepared_dir / name).read_bytes())
-        h.update(self.cfg.model_dump_json(include={"model", "lora", "training"}).encode())
+        h.update(settings_fingerprint(self.cfg).encode())
         h.update(json.dumps([f.sha256 for f in self.base_manifest.files]).encode())
         return h.hexdigest()
 

@@ -20,7 +20,7 @@ import torch
 from finetune.config import FinetuneConfig
 from finetune.errors import FinetuneError
 from finetune.packing import collate, packing_is_isolated
-from finetune.train import LoraRecipe, train
+from finetune.train import LoraRecipe, settings_fingerprint, train
 from serving.store import DEFAULT_MODEL_NAME, ModelStore
 from sovereign.offline import offline_env
 from sovereign.settings import HomeSettings
@@ -246,3 +246,12 @@ def test_short_real_run_lowers_validation_loss_on_the_default_model(sovereign_ho
     result = train(cfg, prepared, tmp_path / "out", home=HomeSettings(home=sovereign_home), progress=False)
     assert result.metrics["best_val_loss"] < result.metrics["base_val_loss"] - 0.1, result.metrics
     assert result.best_step == 4
+
+
+def test_a_run_checkpointed_before_batch_size_existed_still_resumes():
+    """Its checkpoint's fingerprint was made from settings without the field; while unset, the field stays out."""
+    cfg = FinetuneConfig.named("ci-smoke")
+    before = cfg.model_dump_json(include={"model", "lora", "training"}).replace('"batch_size":null,', "")
+    assert '"batch_size"' not in before and settings_fingerprint(cfg) == before
+    sized = cfg.model_copy(update={"training": cfg.training.model_copy(update={"batch_size": 8})})
+    assert '"batch_size":8' in settings_fingerprint(sized)  # a run that sets it resumes only with the same value
