@@ -456,14 +456,17 @@ def find_pii(text: str, *, kinds: Iterable[str] | None = None) -> list[PiiMatch]
         return []
     wanted = _kindset(kinds)
     scan = text.translate(_FOLD) if _HAS_FULLWIDTH.search(text) else text
-    found = _resolve(_candidates(scan, wanted))
+    cands = _candidates(scan, wanted)
+    found = new = _resolve(cands)
     # A value glued to a match ("110101199003074514+44 20 7946 0958") is hidden by the look-arounds until the match
-    # becomes a placeholder. Mask the matches the way a placeholder would ("[" ... "]", same length so offsets hold)
-    # and look again, so that redact() is idempotent. Only text where something touches a match pays for it.
-    new = found
-    while new and _glued(scan, new):
+    # becomes a placeholder, and so is what is left of a value that lost an overlap ("+44 20 7946" of
+    # "+44 20 7946 0958.a.b@example.com", whose last digits went to the longer e-mail). Mask the matches the way a
+    # placeholder would ("[" ... "]", same length so offsets hold) and look again, so that redact() is idempotent.
+    # Only text where something touches or overlaps a match pays for it.
+    while new and (len(new) < len(cands) or _glued(scan, new)):
         scan = _mask(scan, new)
-        new = _resolve(_candidates(scan, wanted))
+        cands = _candidates(scan, wanted)
+        new = _resolve(cands)
         found = sorted(found + new)
     return [PiiMatch(kind, s, e, text[s:e]) for s, e, kind in found]
 

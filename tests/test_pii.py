@@ -372,6 +372,13 @@ def test_value_glued_to_another_match_is_found_on_the_second_look() -> None:
     assert out == "[ID_NUMBER][PHONE]" and counts["id_number"] == 1 and counts["phone"] == 1
 
 
+def test_what_is_left_of_a_value_that_lost_an_overlap_is_redacted_too() -> None:
+    """The e-mail takes the phone's last digits (the longer match wins); the rest of the phone must not stay."""
+    out, counts = redact("+44 20 7946 0958.a.b@example.com")
+    assert out == "[PHONE] [EMAIL]" and counts["phone"] == 1 and counts["email"] == 1
+    assert redact(out) == (out, dict.fromkeys(counts, 0))
+
+
 # --- properties ------------------------------------------------------------------------------------------------------
 
 _PROVINCES = ["11", "12", "13", "31", "32", "33", "44", "51", "61", "65", "81", "91"]
