@@ -46,11 +46,10 @@ class GateSettings(BaseModel):
     # match_noise_factor * noise, match_effect_fraction * effect), noise being that distance on the base model.
     # vLLM's float32 CPU build measured noise ~2e-3 (an AVX512-BF16 host; far above float32 rounding, so it is
     # measured per run, not assumed); correct adapters 1.0-1.5x it (ci-smoke trained: 1.6e-3), v_proj not served
-    # 0.1-1.3, MLP not served 0.4. The gap grows
-    # with the adapter's effect (rounding blown up: bf16 vs fp32 inside transformers grows alike), so a fraction of
-    # the effect is allowed too: mismatch/effect measured ~0.002 for correct adapters moving log-probs 0.8-1.5 nats a
-    # token (a trained one included), 0.074 for a random one moving them 16.5 (a wrecked model: it fails), and
-    # 0.13-0.85 for adapters served in part (v_proj or MLP ignored).
+    # 0.1-1.3, MLP not served 0.4. The gap grows with the adapter's effect (rounding blown up: bf16 vs fp32 inside
+    # transformers grows alike), so a fraction of the effect is allowed too: mismatch/effect measured ~0.002 for
+    # correct adapters moving log-probs 0.8-1.5 nats a token (a trained one included), 0.074 for a random one moving
+    # them 16.5 (a wrecked model: it fails), and 0.13-0.85 for adapters served in part (v_proj or MLP ignored).
     min_match_tolerance: float = Field(1e-3, gt=0)
     match_noise_factor: float = Field(3.0, gt=0)
     match_effect_fraction: float = Field(0.05, ge=0)
