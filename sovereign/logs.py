@@ -26,3 +26,7 @@ def setup_json_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # httpx logs every request at INFO: the supervisor's health and registry polls alone would add a line a second
+    # to a service's log, forever. Its failures still reach us as exceptions.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
