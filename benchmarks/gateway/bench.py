@@ -94,9 +94,9 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, he
     raise RuntimeError(f"{url} not ready after {timeout}s: {last}")
 
 
-def start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+def start(cmd: list[str], log: Path, env: dict[str, str], cwd: Path = REPO) -> subprocess.Popen:
     fh = open(log, "ab")
-    return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+    return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -123,14 +123,26 @@ def start_upstream(work: Path, chunks: int) -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def start_sovereign(work: Path, upstream: str, audit_sync: str = "full") -> Target:
+def code_tree(work: Path, ref: str) -> Path:
+    """The project's files as of git ref `ref`, unpacked under work/ (for an A/B of two versions in one run)."""
+    tree = work / f"tree-{ref.replace('/', '_')}"
+    if not tree.exists():
+        tree.mkdir()
+        archive = subprocess.run(["git", "archive", ref], cwd=REPO, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
+
+
+def start_sovereign(work: Path, upstream: str, audit_sync: str = "full", ref: str | None = None) -> Target:
     """Our gateway with everything on: a key of a team with a PII-redact policy, quotas, and the SQLite audit.
 
     audit_sync "full" (the default config): every audit commit is fsynced; "normal": commits reach the OS (a killed
-    gateway loses nothing acknowledged) and are fsynced at checkpoints.
+    gateway loses nothing acknowledged) and are fsynced at checkpoints. ref: run the gateway's code as of that git
+    commit instead of the working tree's (same venv, same settings).
     """
     port = free_port()
-    name = "sovereign" if audit_sync == "full" else f"sovereign-{audit_sync}"
+    name = ("sovereign" if audit_sync == "full" else f"sovereign-{audit_sync}") + (f"@{ref}" if ref else "")
+    tree = code_tree(work, ref) if ref else REPO
     home = work / f"{name}-home"
     home.mkdir()
     admin_key = "sk-bench-admin-" + "x" * 32
@@ -139,9 +151,9 @@ def start_sovereign(work: Path, upstream: str, audit_sync: str = "full") -> Targ
     cfg.write_text(json.dumps({"host": "127.0.0.1", "port": port, "models": {MODEL: [upstream]},
                                "audit_database_url": audit_url, "health_check_interval_s": 5,
                                "access_log": False}), encoding="utf-8")
-    env = offline_env(SOVEREIGN_HOME=str(home), SOVEREIGN_GATEWAY_BOOTSTRAP_KEY=admin_key, PYTHONPATH=str(REPO))
+    env = offline_env(SOVEREIGN_HOME=str(home), SOVEREIGN_GATEWAY_BOOTSTRAP_KEY=admin_key, PYTHONPATH=str(tree))
     proc = start([sys.executable, "-m", "sovereign.cli", "gateway", "--config", str(cfg), "--log-level", "warning"],
-                 work / f"{name}.log", env)
+                 work / f"{name}.log", env, cwd=tree)
     base = f"http://127.0.0.1:{port}"
     wait_http(f"{base}/readyz", 60, proc)
     admin = {"Authorization": f"Bearer {admin_key}"}
@@ -271,27 +283,37 @@ def _median(xs: list[float]) -> float:
 
 def measure_all(targets: list[Target], args, work: Path) -> dict:
     """Latency in interleaved rounds (A B C A B C ...) so a burst of load from the rest of a shared machine hits all
-    targets alike; figures are medians over rounds. Then one throughput run per target and mode."""
+    targets alike; figures are medians over rounds. Then the throughput runs, interleaved the same way when there
+    are several (the run with the median requests/s per core stands for the target)."""
     out: dict = {t.name: {"note": t.note, "check": check_target(t)} for t in targets}
+    modes = [m for m in ("json", "sse") if m in args.modes.split(",")]
     for t in targets:
-        for stream in (False, True):
-            wrk(t, stream, 4, 1, 1, work)  # warm-up: connections, lazy paths
-    for stream in (False, True):
-        mode = "sse" if stream else "json"
+        for mode in modes:
+            wrk(t, mode == "sse", 4, 1, 1, work)  # warm-up: connections, lazy paths
+    for mode in modes:
+        stream = mode == "sse"
         rounds: dict[str, list[dict]] = {t.name: [] for t in targets}
         for _ in range(args.rounds):
             for t in targets:
                 rounds[t.name].append(wrk(t, stream, 1, 1, args.duration / args.rounds, work))
+        runs: dict[str, list[dict]] = {t.name: [] for t in targets}
+        for _ in range(args.throughput_rounds):
+            for t in targets:
+                runs[t.name].append(wrk(t, stream, args.connections, 2, args.duration, work))
         for t in targets:
             rs = rounds[t.name]
             lat = {"p50_us": _median([r["p50_us"] for r in rs]), "p99_us": _median([r["p99_us"] for r in rs]),
                    "p50_us_min": min(r["p50_us"] for r in rs), "requests": sum(r["requests"] for r in rs),
                    "errors": sum(r["errors"] for r in rs), "rounds": rs}
-            thr = wrk(t, stream, args.connections, 2, args.duration, work)
+            ordered = sorted(runs[t.name], key=lambda r: r["rps_per_core"] or 0)
+            thr = dict(ordered[(len(ordered) - 1) // 2])
+            if len(ordered) > 1:
+                thr["rps_per_core_rounds"] = [r["rps_per_core"] for r in runs[t.name]]
             out[t.name][mode] = {"latency": lat, "throughput": thr}
+            cpu_us = thr["cpu_s"] / thr["requests"] * 1e6 if thr["requests"] else 0
             print(f"  {t.name:9s} {mode:4s} c=1 p50 {lat['p50_us'] / 1000:7.3f} ms p99 {lat['p99_us'] / 1000:7.3f} ms"
                   f" | c={args.connections} {thr['rps']:8.0f} req/s, {thr['cpu_s']:.1f} cpu-s -> "
-                  f"{thr['rps_per_core'] or 0:8.0f} req/s/core"
+                  f"{thr['rps_per_core'] or 0:8.0f} req/s/core ({cpu_us:.0f} µs CPU per request)"
                   + (f", {thr['events_per_s']:9.0f} SSE events/s" if stream else "")
                   + (f"  ERRORS {lat['errors'] + thr['errors']}" if lat["errors"] + thr["errors"] else ""),
                   flush=True)
@@ -311,6 +333,8 @@ def summarise(results: dict, args) -> str:
             lines.append(f"| {name} | - | failed: {r['error'][:120]} |||||||")
             continue
         for mode in ("json", "sse"):
+            if mode not in r:
+                continue
             lat, thr = r[mode]["latency"], r[mode]["throughput"]
             added = ("", "")
             if direct and "error" not in direct and name != "direct":
@@ -326,6 +350,8 @@ def summarise(results: dict, args) -> str:
             continue
         lines += ["", f"{name} vs LiteLLM:"]
         for mode in ("json", "sse"):
+            if mode not in sov or mode not in lite:
+                continue
             s, li = sov[mode], lite[mode]
             ratio = (s["throughput"]["rps_per_core"] or 0) / (li["throughput"]["rps_per_core"] or float("inf"))
             d = direct[mode]["latency"] if direct and "error" not in direct else {"p50_us": 0, "p99_us": 0}
@@ -333,6 +359,18 @@ def summarise(results: dict, args) -> str:
             la = li["latency"]["p50_us"] - d["p50_us"]
             lines.append(f"- {mode}: {ratio:.1f}x the requests/s per core; added p50 latency {la / sa:.1f}x lower "
                          f"({sa / 1000:.3f} ms vs {la / 1000:.3f} ms)")
+    for name, old in results["targets"].items():
+        new = results["targets"].get(name.partition("@")[0])
+        if "@" not in name or not new or "error" in old or "error" in new:
+            continue
+        lines += ["", f"A/B, {name} -> working tree:"]
+        for mode in ("json", "sse"):
+            if mode in old and mode in new:
+                o, n = old[mode], new[mode]
+                cpu = [r["throughput"]["cpu_s"] / max(1, r["throughput"]["requests"]) * 1e6 for r in (o, n)]
+                lines.append(f"- {mode}: c=1 p50 {o['latency']['p50_us']:.0f} -> {n['latency']['p50_us']:.0f} µs; "
+                             f"CPU per request at {args.connections} connections {cpu[0]:.0f} -> {cpu[1]:.0f} µs "
+                             f"({(cpu[1] / cpu[0] - 1) * 100:+.1f} %)")
     lines += ["", "Targets:"] + [f"- {n}: {r.get('note', '')}" + (f"; audit trail after the run: {r['audit']['records']} "
                                                                   f"records, verify {r['audit']['verify_ok']}"
                                                                   if "audit" in r else "")
@@ -348,7 +386,12 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=16, help="content events per streamed response")
     ap.add_argument("--targets", default="direct,sovereign,sovereign-normal,litellm",
                     help="direct, sovereign (audit fsync per commit), sovereign-normal (audit synchronous=NORMAL), "
-                         "litellm")
+                         "litellm; sovereign@REF or sovereign-normal@REF runs our gateway as of git commit REF "
+                         "beside the working tree's, for an A/B of two versions in one run")
+    ap.add_argument("--modes", default="json,sse", help="json, sse or both")
+    ap.add_argument("--throughput-rounds", type=int, default=1,
+                    help="interleaved throughput runs per target and mode (median requests/s per core); more than "
+                         "one for an A/B, where CPU per request is the figure to compare")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args()
     if shutil.which("wrk") is None:
@@ -367,10 +410,10 @@ def main() -> None:
                 if name == "direct":
                     targets.append(Target("direct", f"{up_url}/v1", "none", [upstream],
                                           note="the upstream fixture itself"))
-                elif name == "sovereign":
-                    targets.append(start_sovereign(work, up_url))
-                elif name.startswith("sovereign-"):
-                    targets.append(start_sovereign(work, up_url, audit_sync=name.split("-", 1)[1]))
+                elif name.startswith("sovereign"):
+                    base, _, ref = name.partition("@")
+                    sync = base.split("-", 1)[1] if "-" in base else "full"
+                    targets.append(start_sovereign(work, up_url, audit_sync=sync, ref=ref or None))
                 elif name == "litellm":
                     targets.append(start_litellm(work, up_url))
                 else:
