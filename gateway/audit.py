@@ -131,6 +131,11 @@ _canonical = json.encoder.c_make_encoder(None, _not_json, json.encoder.encode_ba
                                          False)
 
 
+def tool_call_text(name: str) -> str:
+    """How a record's completion text shows a tool call the model made, before the call's arguments."""
+    return f"[tool_call {name}] "
+
+
 def canonical_json(value: Any) -> str:
     return "".join(_canonical(value, 0))
 

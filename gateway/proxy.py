@@ -27,7 +27,7 @@ import orjson
 from gateway import errors as E
 from gateway import responses_api
 from gateway.accounts import MAX_INT32
-from gateway.audit import AuditRecord
+from gateway.audit import AuditRecord, tool_call_text
 from gateway.client_watch import ClientWatch
 from gateway.config import GatewayConfig
 from gateway.directory import Directory, KeyEntry
@@ -478,9 +478,13 @@ class Proxy:
             ex.completion_tokens = int(usage.get("completion_tokens") or 0)
         if ex.completion_parts is not None and isinstance(obj, dict):
             for choice in obj.get("choices") or ():
-                text = (choice.get("message") or {}).get("content") if "message" in choice else choice.get("text")
-                if isinstance(text, str):
-                    ex.completion_parts.append(text)
+                if not isinstance(choice, dict):
+                    continue
+                message = choice.get("message")
+                if isinstance(message, dict):
+                    _answer_texts(message, ex.completion_parts)
+                elif isinstance(choice.get("text"), str):
+                    ex.completion_parts.append(choice["text"])
         await self._audit(ex)
         await _respond(send, 200, data, JSON_HEADERS + ex.rate_headers, ex.rid)
 
@@ -749,9 +753,30 @@ def _collect_texts(events: list[bytes], parts: list[str]) -> None:
             if not isinstance(choice, dict):
                 continue
             delta = choice.get("delta")
-            text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-            if isinstance(text, str):
-                parts.append(text)
+            if isinstance(delta, dict):
+                _answer_texts(delta, parts)
+            elif isinstance(choice.get("text"), str):
+                parts.append(choice["text"])
+
+
+def _answer_texts(message: dict, parts: list[str]) -> None:
+    """Append what a chat answer (a message) or a piece of one (a streamed delta) says, for the audit: its content,
+    then each tool call as `[tool_call NAME] ARGUMENTS`. A stream names a call in its first piece and sends the
+    arguments in later ones, so the pieces add up to the whole answer's text."""
+    text = message.get("content")
+    if isinstance(text, str):
+        parts.append(text)
+    calls = message.get("tool_calls")
+    if calls is None and message.get("function_call") is None:
+        return
+    fns = [c.get("function") for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
+    fns.append(message.get("function_call"))  # the legacy `functions` API's single call
+    for fn in fns:
+        if isinstance(fn, dict):
+            if isinstance(fn.get("name"), str):
+                parts.append(tool_call_text(fn["name"]))
+            if isinstance(fn.get("arguments"), str):
+                parts.append(fn["arguments"])
 
 
 async def _respond(send, status: int, body: bytes, headers: list[tuple[bytes, bytes]], rid: str) -> None:

@@ -15,11 +15,14 @@ from typing import Any
 import orjson
 
 from gateway import errors as E
+from gateway.audit import tool_call_text
 from gateway.upstream import event_json
 
 PATH = "/v1/responses"
 FINAL = (b"response.completed", b"response.incomplete", b"response.failed", b"error")
 DELTA = b"response.output_text.delta"
+ARGUMENTS_DELTA = b"response.function_call_arguments.delta"
+ITEM_ADDED = b"response.output_item.added"
 
 
 def validate(body: dict) -> None:
@@ -76,12 +79,22 @@ def usage(response: dict) -> tuple[int, int] | None:
 
 
 def output_texts(response: dict) -> list[str]:
+    """What a response says, for the audit: its messages' text, and each function call as `[tool_call NAME]
+    ARGUMENTS` (as chat completions' tool calls are shown)."""
     out = []
     for item in response.get("output") or ():
-        if isinstance(item, dict):
-            for part in item.get("content") or ():
-                if isinstance(part, dict) and isinstance(part.get("text"), str):
-                    out.append(part["text"])
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") == "function_call":
+            if isinstance(item.get("name"), str):
+                out.append(tool_call_text(item["name"]))
+            if isinstance(item.get("arguments"), str):
+                out.append(item["arguments"])
+            continue
+        content = item.get("content")
+        for part in content if isinstance(content, list) else ():
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                out.append(part["text"])
     return out
 
 
@@ -103,10 +116,14 @@ class ResponseEvents:
         kind = event[7:event.find(b"\n")].strip() if event.startswith(b"event: ") else b""
         if kind.endswith(b".delta"):  # text, reasoning, tool-call arguments: a token each, billed if cut off
             self.chunks += 1
-            if kind == DELTA and self.parts is not None and (obj := event_json(event)) is not None \
-                    and isinstance(obj.get("delta"), str):
+            if (kind == DELTA or kind == ARGUMENTS_DELTA) and self.parts is not None \
+                    and (obj := event_json(event)) is not None and isinstance(obj.get("delta"), str):
                 self.parts.append(obj["delta"])
             return True
+        if kind == ITEM_ADDED and self.parts is not None and b'"function_call"' in event:
+            item = (event_json(event) or {}).get("item")
+            if isinstance(item, dict) and item.get("type") == "function_call" and isinstance(item.get("name"), str):
+                self.parts.append(tool_call_text(item["name"]))
         if kind in FINAL:
             obj = event_json(event)
             response = obj.get("response") if obj is not None else None

@@ -6,6 +6,7 @@ chunk, then the connection drops), `__trickle__` (0.2 s between chunks), `__vllm
 headers, then nothing for `slow_s` unless the gateway hangs up: how long that took goes into `aborted_after`),
 `__hold__` (a non-streamed answer only after `slow_s`, unless the gateway hangs up first: into `aborted_after` too).
 `__ping__` (an SSE comment line before every stream chunk, as some servers send to keep a connection open).
+`__tool__` (chat and Responses: the answer is a tool call instead of text).
 `FakeUpstream.requests` keeps every body received, so tests can check what the gateway forwarded.
 """
 
@@ -115,10 +116,18 @@ class FakeUpstream:
                  "total_tokens": prompt_tokens + len(words)}
         rid, created = f"cmpl-{self.hits}", int(time.time())
         obj = "chat.completion" if chat else "text_completion"
+        # `__tool__`: the answer is a call of the tool `lookup_order` with the echo as its argument, shaped as vLLM
+        # sends one: the whole call in the message, or streamed as the call's name, then its arguments in pieces.
+        tool_args = orjson.dumps({"query": " ".join(words)}).decode() if chat and "__tool__" in text else None
         if not req.get("stream"):
             content = " ".join(words)
             choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
                       if chat else {"index": 0, "text": content, "finish_reason": "stop"})
+            if tool_args is not None:
+                choice = {"index": 0, "finish_reason": "tool_calls", "message": {
+                    "role": "assistant", "content": None, "tool_calls": [
+                        {"id": "call_1", "type": "function",
+                         "function": {"name": "lookup_order", "arguments": tool_args}}]}}
             return await self._json(send, 200, {"id": rid, "object": obj, "created": created, "model": model,
                                                 "choices": [choice], "usage": usage})
         await send({"type": "http.response.start", "status": 200,
@@ -133,10 +142,17 @@ class FakeUpstream:
             return {"type": "http.response.body", "body": b"data: " + orjson.dumps(payload) + b"\n\n",
                     "more_body": True}
 
-        for i, w in enumerate(words):
-            piece = w if i == 0 else " " + w
-            choice = ({"index": 0, "delta": {"content": piece} if i else {"role": "assistant", "content": piece},
-                       "finish_reason": None} if chat else {"index": 0, "text": piece, "finish_reason": None})
+        if tool_args is not None:
+            deltas = [{"role": "assistant", "tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                                           "function": {"name": "lookup_order", "arguments": ""}}]}]
+            deltas += [{"tool_calls": [{"index": 0, "function": {"arguments": tool_args[i:i + 5]}}]}
+                       for i in range(0, len(tool_args), 5)]
+        else:
+            deltas = [{"content": w} if i == 0 else {"content": " " + w} for i, w in enumerate(words)]
+            deltas[0]["role"] = "assistant"
+        for i, delta in enumerate(deltas):
+            choice = ({"index": 0, "delta": delta, "finish_reason": None} if chat
+                      else {"index": 0, "text": delta["content"], "finish_reason": None})
             if "__ping__" in text:
                 await send({"type": "http.response.body", "body": b": ping\n\n", "more_body": True})
             await send(event({"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}))
@@ -146,7 +162,7 @@ class FakeUpstream:
                 await asyncio.sleep(self.slow_s)
             if "__trickle__" in text:
                 await asyncio.sleep(0.2)
-        last = {"index": 0, "delta": {}, "finish_reason": "stop"} if chat else \
+        last = {"index": 0, "delta": {}, "finish_reason": "tool_calls" if tool_args else "stop"} if chat else \
             {"index": 0, "text": "", "finish_reason": "stop"}
         await send(event({"id": rid, "object": obj, "created": created, "model": model, "choices": [last]}))
         if (req.get("stream_options") or {}).get("include_usage"):
@@ -177,11 +193,18 @@ class FakeUpstream:
                                                        "status": "completed", "content": [
                                                            {"type": "output_text", "text": content,
                                                             "annotations": []}]}], "usage": usage}
+        call = None
+        if "__tool__" in text:  # a function call item instead of a message
+            call = {"id": "fc_1", "type": "function_call", "call_id": "call_1", "name": "lookup_order",
+                    "arguments": orjson.dumps({"query": content}).decode(), "status": "completed"}
+            response["output"] = [call]
         if not req.get("stream"):
             return await self._json(send, 200, response)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream")]})
         seq = iter(range(1000))
+        if call is not None:
+            return await self._responses_call_stream(send, response, call, seq)
 
         def event(kind: str, payload: dict) -> dict:
             body = orjson.dumps({**payload, "type": kind, "sequence_number": next(seq)})
@@ -197,6 +220,27 @@ class FakeUpstream:
                 raise RuntimeError("fake upstream drops the connection mid-stream")
         await send(event("response.output_text.done", {"item_id": "msg_1", "output_index": 0, "content_index": 0,
                                                        "text": content}))
+        await send(event("response.completed", {"response": response}))
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    @staticmethod
+    async def _responses_call_stream(send, response: dict, call: dict, seq) -> None:
+        def event(kind: str, payload: dict) -> dict:
+            body = orjson.dumps({**payload, "type": kind, "sequence_number": next(seq)})
+            return {"type": "http.response.body", "body": b"event: " + kind.encode() + b"\ndata: " + body + b"\n\n",
+                    "more_body": True}
+
+        await send(event("response.created", {"response": {**response, "status": "in_progress", "output": [],
+                                                           "usage": None}}))
+        await send(event("response.output_item.added", {"output_index": 0, "item": {
+            **call, "arguments": "", "status": "in_progress"}}))
+        args = call["arguments"]
+        for i in range(0, len(args), 5):
+            await send(event("response.function_call_arguments.delta", {"item_id": "fc_1", "output_index": 0,
+                                                                         "delta": args[i:i + 5]}))
+        await send(event("response.function_call_arguments.done", {"item_id": "fc_1", "output_index": 0,
+                                                                    "arguments": args}))
+        await send(event("response.output_item.done", {"output_index": 0, "item": call}))
         await send(event("response.completed", {"response": response}))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 

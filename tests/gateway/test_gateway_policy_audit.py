@@ -55,6 +55,26 @@ def test_a_long_streamed_answer_is_audited_whole(gw, extra):
     assert audit_rows(gw)[-1]["completion"] == text
 
 
+@pytest.mark.parametrize("extra", ["", " __split__"])
+def test_a_tool_call_is_in_the_audit_record_and_redacted_there(gw, extra):
+    """An answer that calls a tool says what it says in the call: the audit keeps the call (redacted as the team's
+    policy says), and a streamed call, name first and arguments in pieces, reads the same as a whole one."""
+    prompt = f"__tool__ {extra} refund order 4417 for li.lei@example.com"
+    c = gw.client(gw.key("agents", audit_content="redacted"))
+    messages = [{"role": "user", "content": prompt}]
+    whole = c.chat.completions.create(model="fake-model", messages=messages).choices[0].message.tool_calls[0]
+    pieces: dict[str, str] = {"name": "", "arguments": ""}
+    for chunk in c.chat.completions.create(model="fake-model", messages=messages, stream=True):
+        for call in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            pieces["name"] += call.function.name or ""
+            pieces["arguments"] += call.function.arguments or ""
+    assert pieces == {"name": whole.function.name, "arguments": whole.function.arguments}
+    assert json.loads(whole.function.arguments)["query"].endswith("li.lei@example.com")  # the client gets it all
+    rows = audit_rows(gw)[-2:]
+    expected = "[tool_call lookup_order] " + whole.function.arguments.replace("li.lei@example.com", "[EMAIL]")
+    assert [row["completion"] for row in rows] == [expected, expected]
+
+
 def test_adapter_requests_are_audited_with_their_base_model(gw):
     gw.client(gw.key()).chat.completions.create(model="support@1", messages=USER)
     row = audit_rows(gw)[-1]

@@ -32,6 +32,19 @@ def test_a_streamed_response_ends_with_its_completed_event_after_the_audit(gw):
     assert row["completion"] == "sha256:" + hashlib.sha256(b"Echo: hello there").hexdigest()
 
 
+def test_a_function_call_is_in_the_audit_record_streamed_or_not(gw):
+    c = gw.client(gw.key("responses-agents", audit_content="redacted"))
+    whole = c.responses.create(model="fake-model", input="__tool__ refund order 4417 for li.lei@example.com")
+    call = whole.output[0]
+    assert call.type == "function_call" and call.name == "lookup_order"
+    events = list(c.responses.create(model="fake-model", stream=True,
+                                     input="__tool__ refund order 4417 for li.lei@example.com"))
+    streamed = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert streamed == call.arguments and events[-1].type == "response.completed"
+    expected = "[tool_call lookup_order] " + call.arguments.replace("li.lei@example.com", "[EMAIL]")
+    assert [row["completion"] for row in audit_rows(gw)[-2:]] == [expected, expected]
+
+
 def test_a_stream_that_breaks_ends_with_an_error_event(gw):
     with httpx.stream("POST", f"{gw.url}/v1/responses", headers={"Authorization": f"Bearer {gw.key()}"}, timeout=30,
                       json={"model": "fake-model", "input": "__die__ a b c", "stream": True}) as r:
@@ -123,7 +136,8 @@ def test_cut_off_streams_bill_every_delta_and_an_upstream_error_ends_the_stream(
     for kind in ("response.reasoning_text.delta", "response.function_call_arguments.delta",
                  "response.output_text.delta"):
         assert events.take(b"event: " + kind.encode() + b'\ndata: {"delta": "x"}\n\n')
-    assert events.chunks == 3 and events.parts == ["x"] and not events.done
+    # every delta is billed; the audit keeps what the model said, function-call arguments included, not its reasoning
+    assert events.chunks == 3 and events.parts == ["x", "x"] and not events.done
     assert not events.take(b'event: error\ndata: {"type": "error", "code": "x", "message": "m"}\n\n')
     assert events.done and events.failed and events.end().startswith(b"event: error")
 
