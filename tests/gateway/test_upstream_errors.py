@@ -34,6 +34,17 @@ def test_vllm_types_integer_codes_and_field_paths_become_openais(body, param):
     assert e["message"] == (body.get("error") or body)["message"]
 
 
+@pytest.mark.parametrize("message", [
+    '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+    'tool_choice="required" requires --tool-call-parser to be set',
+    'tool_choice=function "get_weather" requires --tool-call-parser to be set'])
+def test_tools_on_a_model_served_without_a_tool_parser_say_what_to_do(message):
+    e = _err(400, {"error": {"message": message, "type": "BadRequestError", "param": None, "code": 400}})
+    assert e["type"] == "invalid_request_error" and e["code"] == "tools_not_supported" and e["param"] == "tools"
+    assert e["message"].startswith("`m` is served without tool calling") and "tool_call_parser" in e["message"]
+    assert "--tool-call-parser" not in e["message"]
+
+
 def test_an_unknown_model_reads_like_the_gateways_own_404():
     e = _err(404, {"error": {"message": "The model `m` does not exist. Valid aliases: base-model.",
                              "type": "NotFoundError", "param": "model", "code": 404}})
