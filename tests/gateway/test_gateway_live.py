@@ -51,6 +51,22 @@ def test_streaming_with_usage_and_completions(live_gateway, key):
     assert r.choices[0].text and r.usage.completion_tokens > 0
 
 
+def test_logprobs_against_the_real_engine(live_gateway, key):
+    """Logprobs come back through the gateway, whole and streamed (vLLM's CPU engine counts their ranks with our
+    plugin, serving/cpu_sampler_ops.py, not a kernel torch.compile builds inside the first such request)."""
+    c = live_gateway.client(key)
+    r = c.chat.completions.create(model=DEFAULT_MODEL, messages=FRANCE, temperature=0, max_tokens=6, logprobs=True,
+                                  top_logprobs=2)
+    tokens = r.choices[0].logprobs.content
+    assert len(tokens) == r.usage.completion_tokens and "".join(t.token for t in tokens) == r.choices[0].message.content
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in tokens)
+    assert tokens[0].logprob == max(top.logprob for top in tokens[0].top_logprobs)  # greedy took the best
+    streamed = [t for chunk in c.chat.completions.create(model=DEFAULT_MODEL, messages=FRANCE, temperature=0,
+                                                          max_tokens=6, logprobs=True, top_logprobs=2, stream=True)
+                if chunk.choices and chunk.choices[0].logprobs for t in chunk.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in tokens]
+
+
 def test_models_listing_shows_the_served_model(live_gateway, key):
     ids = [m.id for m in live_gateway.client(key).models.list().data]
     assert DEFAULT_MODEL in ids
