@@ -203,45 +203,27 @@ class FakeUpstream:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream")]})
         seq = iter(range(1000))
+        await send(_typed_event(seq, "response.created", {"response": {**response, "status": "in_progress",
+                                                                        "output": [], "usage": None}}))
         if call is not None:
-            return await self._responses_call_stream(send, response, call, seq)
-
-        def event(kind: str, payload: dict) -> dict:
-            body = orjson.dumps({**payload, "type": kind, "sequence_number": next(seq)})
-            return {"type": "http.response.body", "body": b"event: " + kind.encode() + b"\ndata: " + body + b"\n\n",
-                    "more_body": True}
-
-        await send(event("response.created", {"response": {**response, "status": "in_progress", "output": [],
-                                                           "usage": None}}))
-        for i, w in enumerate(words):
-            await send(event("response.output_text.delta", {"item_id": "msg_1", "output_index": 0,
-                                                             "content_index": 0, "delta": w if i == 0 else " " + w}))
-            if "__die__" in text and i == 1:
-                raise RuntimeError("fake upstream drops the connection mid-stream")
-        await send(event("response.output_text.done", {"item_id": "msg_1", "output_index": 0, "content_index": 0,
-                                                       "text": content}))
-        await send(event("response.completed", {"response": response}))
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    @staticmethod
-    async def _responses_call_stream(send, response: dict, call: dict, seq) -> None:
-        def event(kind: str, payload: dict) -> dict:
-            body = orjson.dumps({**payload, "type": kind, "sequence_number": next(seq)})
-            return {"type": "http.response.body", "body": b"event: " + kind.encode() + b"\ndata: " + body + b"\n\n",
-                    "more_body": True}
-
-        await send(event("response.created", {"response": {**response, "status": "in_progress", "output": [],
-                                                           "usage": None}}))
-        await send(event("response.output_item.added", {"output_index": 0, "item": {
-            **call, "arguments": "", "status": "in_progress"}}))
-        args = call["arguments"]
-        for i in range(0, len(args), 5):
-            await send(event("response.function_call_arguments.delta", {"item_id": "fc_1", "output_index": 0,
-                                                                         "delta": args[i:i + 5]}))
-        await send(event("response.function_call_arguments.done", {"item_id": "fc_1", "output_index": 0,
-                                                                    "arguments": args}))
-        await send(event("response.output_item.done", {"output_index": 0, "item": call}))
-        await send(event("response.completed", {"response": response}))
+            await send(_typed_event(seq, "response.output_item.added", {"output_index": 0, "item": {
+                **call, "arguments": "", "status": "in_progress"}}))
+            args = call["arguments"]
+            for i in range(0, len(args), 5):
+                await send(_typed_event(seq, "response.function_call_arguments.delta", {
+                    "item_id": "fc_1", "output_index": 0, "delta": args[i:i + 5]}))
+            await send(_typed_event(seq, "response.function_call_arguments.done", {
+                "item_id": "fc_1", "output_index": 0, "arguments": args}))
+            await send(_typed_event(seq, "response.output_item.done", {"output_index": 0, "item": call}))
+        else:
+            for i, w in enumerate(words):
+                await send(_typed_event(seq, "response.output_text.delta", {
+                    "item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": w if i == 0 else " " + w}))
+                if "__die__" in text and i == 1:
+                    raise RuntimeError("fake upstream drops the connection mid-stream")
+            await send(_typed_event(seq, "response.output_text.done", {
+                "item_id": "msg_1", "output_index": 0, "content_index": 0, "text": content}))
+        await send(_typed_event(seq, "response.completed", {"response": response}))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     @staticmethod
@@ -251,6 +233,13 @@ class FakeUpstream:
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+
+def _typed_event(seq, kind: str, payload: dict) -> dict:
+    """One event of a Responses stream, numbered from `seq`."""
+    body = orjson.dumps({**payload, "type": kind, "sequence_number": next(seq)})
+    return {"type": "http.response.body", "body": b"event: " + kind.encode() + b"\ndata: " + body + b"\n\n",
+            "more_body": True}
 
 
 def _split_sender(send):
