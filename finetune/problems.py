@@ -26,6 +26,7 @@ CODES: dict[str, str] = {
     "missing_content": "a message's content is missing, empty or not a string",
     "invalid_weight": "an assistant message's weight is not 0 or 1",
     "example_missing_assistant_message": "the conversation has no assistant message",
+    "tool_calls_unsupported": "a message calls a tool or is a tool's result (not trained on yet)",
     "invalid_csv": "the CSV file cannot be parsed from this line on",
     "csv_missing_columns": "the CSV header lacks a mapped column",
     "empty_file": "the file holds no records",

@@ -539,6 +539,12 @@ def _broken_rows(r: random.Random, good: list[list[Message]]) -> tuple[list[str]
                                                           "weight": 0}]})),
         ("message_unrecognized_key", json.dumps({"messages": [
             {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!", "mood": "cheerful"}]})),
+        ("tool_calls_unsupported", json.dumps({"messages": [
+            {"role": "user", "content": "Where is order 4417?"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                "name": "get_order_status", "arguments": '{"order_id": "4417"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"status": "shipped"}'},
+            {"role": "assistant", "content": "Order 4417 has shipped."}]})),
         ("too_long", json.dumps({"messages": [{"role": "user", "content": long_text},
                                               {"role": "assistant", "content": "That is a long message."}]})),
     ]

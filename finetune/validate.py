@@ -19,6 +19,9 @@ from finetune.problems import Problem
 
 ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = frozenset({"role", "content", "name", "weight"})
+# OpenAI's format for conversations that use tools (a call, its result); the trainer renders no tools yet.
+TOOL_ROLES = ("tool", "function")
+TOOL_KEYS = frozenset({"tool_calls", "function_call", "tool_call_id"})
 
 
 def _short(value: Any) -> str:
@@ -52,6 +55,12 @@ def check_structure(data: Any) -> list[tuple[str, str]]:
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
             add("data_type", f"message {i} is not a JSON object")
+            continue
+        if msg.get("role") in TOOL_ROLES or msg.keys() & TOOL_KEYS:
+            # One clear refusal instead of an unknown role, unknown keys and missing content for the same message.
+            what = "is a tool's result" if msg.get("role") in TOOL_ROLES else "calls a tool"
+            add("tool_calls_unsupported", f"message {i} {what}: conversations with tool calls cannot be trained on "
+                                          f"here yet; leave them out of the file")
             continue
         if "role" not in msg:
             add("message_missing_key", f"message {i} has no `role`")

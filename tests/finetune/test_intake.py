@@ -82,7 +82,10 @@ def test_broken_rows_structural_problems_have_exact_lines_and_codes(sample):
     ([1, 2], "data_type"),
     ({"messages": "hi"}, "missing_messages_list"),
     ({"messages": [{"role": "user", "content": "hi"}]}, "example_missing_assistant_message"),
-    ({"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]}, "unrecognized_role"),
+    ({"messages": [{"role": "agent", "content": "x"}, {"role": "assistant", "content": "y"}]}, "unrecognized_role"),
+    ({"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]}, "tool_calls_unsupported"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "function_call": {
+        "name": "f", "arguments": "{}"}}, {"role": "assistant", "content": "y"}]}, "tool_calls_unsupported"),
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 2}]},
      "invalid_weight"),
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None}]}, "missing_content"),
@@ -90,6 +93,15 @@ def test_broken_rows_structural_problems_have_exact_lines_and_codes(sample):
 ])
 def test_structure_codes(data, code):
     assert code in [c for c, _ in check_structure(data)]
+
+
+def test_a_tool_call_conversation_gets_one_clear_problem_not_three():
+    calls = [{"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}]
+    problems = check_structure({"messages": [
+        {"role": "user", "content": "Where is order 4417?"}, {"role": "assistant", "content": None, "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "call_1", "content": "shipped"}, {"role": "assistant", "content": "Shipped."}]})
+    assert [code for code, _ in problems] == ["tool_calls_unsupported"]
+    assert problems[0][1].startswith("message 1 calls a tool")
 
 
 def test_well_formed_rows_pass_including_weights_and_text_parts():
