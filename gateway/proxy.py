@@ -55,8 +55,8 @@ class Exchange:
     """Per-request state, slotted: what the audit record, the quota settlement and the metrics need."""
 
     __slots__ = ("rid", "t0", "entry", "kind", "model", "base", "adapter", "stream", "status", "prompt_tokens",
-                 "completion_tokens", "ttft", "decisions", "prompt_text", "completion_parts", "reservation",
-                 "upstream_s", "audit_s", "rate_headers", "replica", "first_byte_by")
+                 "completion_tokens", "ttft", "decisions", "prompt_text", "completion_parts", "other_choices",
+                 "reservation", "upstream_s", "audit_s", "rate_headers", "replica", "first_byte_by")
 
     def __init__(self, rid: str, t0: float, entry: KeyEntry | None, kind: str) -> None:
         self.rid = rid
@@ -72,7 +72,8 @@ class Exchange:
         self.ttft: float | None = None
         self.decisions: dict[str, Any] = {}
         self.prompt_text: str | None = None
-        self.completion_parts: list[str] | None = None
+        self.completion_parts: list[str] | None = None  # the answer's text for the audit (its first choice's)
+        self.other_choices: dict[int, list[str]] | None = None  # n > 1, several prompts: the other choices' text
         self.reservation: Any = None
         self.upstream_s = 0.0
         self.audit_s = 0.0
@@ -482,9 +483,9 @@ class Proxy:
                     continue
                 message = choice.get("message")
                 if isinstance(message, dict):
-                    _answer_texts(message, ex.completion_parts)
+                    _answer_texts(message, _choice_parts(ex, choice))
                 elif isinstance(choice.get("text"), str):
-                    ex.completion_parts.append(choice["text"])
+                    _choice_parts(ex, choice).append(choice["text"])
         await self._audit(ex)
         await _respond(send, 200, data, JSON_HEADERS + ex.rate_headers, ex.rid)
 
@@ -610,7 +611,12 @@ class Proxy:
             return
         entry = ex.entry
         mode = entry.team.audit_content
-        completion = "".join(ex.completion_parts) if ex.completion_parts is not None else None
+        completion = None
+        if ex.completion_parts is not None:
+            completion = "".join(ex.completion_parts)
+            if ex.other_choices:  # each choice whole and apart, in order, streamed (interleaved) or not
+                others = ex.other_choices
+                completion = "\n\n".join([completion, *("".join(others[i]) for i in sorted(others))])
         policy = dict(ex.decisions)
         policy["team_policy"] = entry.team.summary()
         if error:
@@ -722,7 +728,7 @@ class _ChatEvents:
     def flush(self) -> None:
         """Add the text of the chunks taken so far to the audit's parts."""
         if self.unread:
-            _collect_texts(self.unread, self.parts)
+            _collect_texts(self.unread, self.ex)
             self.unread = []
 
     def end(self) -> bytes:
@@ -733,8 +739,8 @@ class _ChatEvents:
         return b"data: " + err.body() + b"\n\n"
 
 
-def _collect_texts(events: list[bytes], parts: list[str]) -> None:
-    """Append the text of chunk events to `parts`, in order."""
+def _collect_texts(events: list[bytes], ex: Exchange) -> None:
+    """Append the text of chunk events to the audit's parts of their choices, in order."""
     objs = None
     joined = b"".join(events)
     if joined.startswith(b"data: "):
@@ -754,9 +760,20 @@ def _collect_texts(events: list[bytes], parts: list[str]) -> None:
                 continue
             delta = choice.get("delta")
             if isinstance(delta, dict):
-                _answer_texts(delta, parts)
+                _answer_texts(delta, _choice_parts(ex, choice))
             elif isinstance(choice.get("text"), str):
-                parts.append(choice["text"])
+                _choice_parts(ex, choice).append(choice["text"])
+
+
+def _choice_parts(ex: Exchange, choice: dict) -> list[str]:
+    """Where a choice's text goes: a stream of several choices interleaves their pieces, which joined together
+    would read as neither answer (and could split a phone number past the audit's redaction)."""
+    index = choice.get("index")
+    if not index or type(index) is not int:
+        return ex.completion_parts
+    if ex.other_choices is None:
+        ex.other_choices = {}
+    return ex.other_choices.setdefault(index, [])
 
 
 def _answer_texts(message: dict, parts: list[str]) -> None:

@@ -6,7 +6,7 @@ chunk, then the connection drops), `__trickle__` (0.2 s between chunks), `__vllm
 headers, then nothing for `slow_s` unless the gateway hangs up: how long that took goes into `aborted_after`),
 `__hold__` (a non-streamed answer only after `slow_s`, unless the gateway hangs up first: into `aborted_after` too).
 `__ping__` (an SSE comment line before every stream chunk, as some servers send to keep a connection open).
-`__tool__` (chat and Responses: the answer is a tool call instead of text).
+`__tool__` (chat and Responses: the answer is a tool call instead of text). `n` > 1 gives several choices.
 `FakeUpstream.requests` keeps every body received, so tests can check what the gateway forwarded.
 """
 
@@ -119,17 +119,21 @@ class FakeUpstream:
         # `__tool__`: the answer is a call of the tool `lookup_order` with the echo as its argument, shaped as vLLM
         # sends one: the whole call in the message, or streamed as the call's name, then its arguments in pieces.
         tool_args = orjson.dumps({"query": " ".join(words)}).decode() if chat and "__tool__" in text else None
+        n = req.get("n") if isinstance(req.get("n"), int) else 1  # choice k > 0 marks each of its words with k
         if not req.get("stream"):
-            content = " ".join(words)
-            choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
-                      if chat else {"index": 0, "text": content, "finish_reason": "stop"})
+            choices = []
+            for k in range(n):
+                content = " ".join(w + str(k or "") for w in words)
+                choices.append({"index": k, "message": {"role": "assistant", "content": content},
+                                "finish_reason": "stop"} if chat else {"index": k, "text": content,
+                                                                       "finish_reason": "stop"})
             if tool_args is not None:
-                choice = {"index": 0, "finish_reason": "tool_calls", "message": {
+                choices = [{"index": 0, "finish_reason": "tool_calls", "message": {
                     "role": "assistant", "content": None, "tool_calls": [
                         {"id": "call_1", "type": "function",
-                         "function": {"name": "lookup_order", "arguments": tool_args}}]}}
+                         "function": {"name": "lookup_order", "arguments": tool_args}}]}}]
             return await self._json(send, 200, {"id": rid, "object": obj, "created": created, "model": model,
-                                                "choices": [choice], "usage": usage})
+                                                "choices": choices, "usage": usage})
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream")]})
         obj += ".chunk" if chat else ""
@@ -151,11 +155,14 @@ class FakeUpstream:
             deltas = [{"content": w} if i == 0 else {"content": " " + w} for i, w in enumerate(words)]
             deltas[0]["role"] = "assistant"
         for i, delta in enumerate(deltas):
-            choice = ({"index": 0, "delta": delta, "finish_reason": None} if chat
-                      else {"index": 0, "text": delta["content"], "finish_reason": None})
             if "__ping__" in text:
                 await send({"type": "http.response.body", "body": b": ping\n\n", "more_body": True})
-            await send(event({"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}))
+            for k in range(n if tool_args is None else 1):  # several choices interleave, a piece each in turn
+                piece = {**delta, "content": delta["content"] + str(k)} if k else delta
+                choice = ({"index": k, "delta": piece, "finish_reason": None} if chat
+                          else {"index": k, "text": piece["content"], "finish_reason": None})
+                await send(event({"id": rid, "object": obj, "created": created, "model": model,
+                                  "choices": [choice]}))
             if "__die__" in text and i == 1:
                 raise RuntimeError("fake upstream drops the connection mid-stream")
             if "__stall__" in text and i == 1:

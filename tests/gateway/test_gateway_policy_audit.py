@@ -75,6 +75,27 @@ def test_a_tool_call_is_in_the_audit_record_and_redacted_there(gw, extra):
     assert [row["completion"] for row in rows] == [expected, expected]
 
 
+@pytest.mark.parametrize("kind", ["chat", "completions"])
+def test_several_choices_are_audited_each_whole_streamed_or_not(gw, kind):
+    """A stream of n choices interleaves their pieces; the audit keeps each choice's text whole, in order, as the
+    whole answer lists them."""
+    c = gw.client(gw.key("several", audit_content="redacted"))
+    if kind == "chat":
+        def ask(**kw):
+            return c.chat.completions.create(model="fake-model", messages=USER, n=3, **kw)
+        whole = [ch.message.content for ch in ask().choices]
+    else:
+        def ask(**kw):
+            return c.completions.create(model="fake-model", prompt="hello there", n=3, **kw)
+        whole = [ch.text for ch in ask().choices]
+    streamed = ["", "", ""]
+    for chunk in ask(stream=True):
+        for ch in chunk.choices:
+            streamed[ch.index] += (ch.delta.content or "") if kind == "chat" else ch.text
+    assert whole == streamed == ["Echo: hello there", "Echo:1 hello1 there1", "Echo:2 hello2 there2"]
+    assert [row["completion"] for row in audit_rows(gw)[-2:]] == ["\n\n".join(whole)] * 2
+
+
 def test_adapter_requests_are_audited_with_their_base_model(gw):
     gw.client(gw.key()).chat.completions.create(model="support@1", messages=USER)
     row = audit_rows(gw)[-1]
