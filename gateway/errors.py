@@ -111,9 +111,9 @@ def from_upstream(status: int, data: bytes, model: str, path: str) -> GatewayErr
             data.decode("utf-8", "replace")[:500] or f"The model server answered HTTP {status}.")
     if status == 400 and "--tool-call-parser" in message:  # vLLM's words are for whoever starts the server
         return GatewayError(400, f"`{model}` is served without tool calling: its serving profile sets no "
-                                 f"`tool_call_parser` (the parser of the model's tool-call format: hermes, llama3_json, "
-                                 f"mistral, ...). Ask the platform team to set one, or send the request without "
-                                 f"`tools`.", code="tools_not_supported", param="tools")
+                                 f"`tool_call_parser` (the parser of the model's tool-call format: hermes, "
+                                 f"llama3_json, mistral, ...). Ask the platform team to set one, or send the request "
+                                 f"without `tools`.", code="tools_not_supported", param="tools")
     code = inner.get("code") if isinstance(inner.get("code"), str) else None
     if code is None and "maximum context length" in message:
         code = "context_length_exceeded"

@@ -2,11 +2,12 @@
 vLLM general plugin, entry point `vllm.general_plugins`; it changes nothing off the CPU platform).
 
 Why: vLLM wraps `batched_count_greater_than` (how many vocabulary entries score at least the chosen token's, the
-`rank` of each returned logprob) in `torch.compile` with inductor on every platform, `--enforce-eager` or not. On CPU
-inductor writes and compiles C++ for it, inside the first request that asks for logprobs: that request took 17-19 s
-after a fresh start on this 2-core box (3.2 s with inductor's cache warm) against 0.2 s for the next (0.23 s for the
-first with this plugin). The compiled kernel's point is to spare GPU memory a boolean copy of the batch's logprobs; on CPU that copy
-is 49,152 bytes a sequence for the default model's vocabulary, so the plain expression costs nothing worth compiling.
+`rank` of each returned logprob) in `torch.compile` with inductor on every platform, `--enforce-eager` or not. On
+CPU inductor writes and compiles C++ for it, inside the first request that asks for logprobs: that request took
+17-19 s after a fresh start on this 2-core box (3.2 s with inductor's cache warm) against 0.2 s for the next (0.23 s
+for the first with this plugin). The compiled kernel's point is to spare GPU memory a boolean copy of the batch's
+logprobs; on CPU that copy is 49,152 bytes a sequence for the default model's vocabulary, so the plain expression
+costs nothing worth compiling.
 """
 
 from __future__ import annotations

@@ -98,8 +98,10 @@ def test_structure_codes(data, code):
 def test_a_tool_call_conversation_gets_one_clear_problem_not_three():
     calls = [{"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}]
     problems = check_structure({"messages": [
-        {"role": "user", "content": "Where is order 4417?"}, {"role": "assistant", "content": None, "tool_calls": calls},
-        {"role": "tool", "tool_call_id": "call_1", "content": "shipped"}, {"role": "assistant", "content": "Shipped."}]})
+        {"role": "user", "content": "Where is order 4417?"},
+        {"role": "assistant", "content": None, "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "call_1", "content": "shipped"},
+        {"role": "assistant", "content": "Shipped."}]})
     assert [code for code, _ in problems] == ["tool_calls_unsupported"]
     assert problems[0][1].startswith("message 1 calls a tool")
 
