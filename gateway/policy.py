@@ -114,6 +114,31 @@ def _schema_texts(node: dict | list, where: str, depth: int, texts: list[Triple]
             _schema_texts(value, where, depth + 1, texts, names)
 
 
+# Where a request constrains the answer's shape: OpenAI's response_format (chat, completions) and the Responses API's
+# text.format, and vLLM's structured_outputs (its older guided_* fields are refused up front: proxy.validate).
+_FORMAT_KEYS = ("response_format", "text", "structured_outputs")
+
+
+def _format_texts(body: dict, kind: str, texts: list[Triple], names: dict[str, str]) -> None:
+    """Every string of the JSON schemas and choice lists that constrain the answer. The model is not shown them, but
+    the answer is held to them: an enum, const or choice holding personal data becomes the answer's text."""
+    found: list[tuple[Any, str]] = []
+    if kind == "responses":
+        text = body.get("text")
+        fmt, where = (text.get("format") if isinstance(text, dict) else None), "text.format.schema"
+    else:
+        rf = body.get("response_format")
+        fmt, where = (rf.get("json_schema") if isinstance(rf, dict) else None), "response_format.json_schema.schema"
+    if isinstance(fmt, dict) and isinstance(fmt.get("schema"), dict):
+        found.append((fmt["schema"], where))
+    so = body.get("structured_outputs")
+    for key in ("json", "choice"):
+        if isinstance(so, dict) and isinstance(so.get(key), (dict, list)):
+            found.append((so[key], f"structured_outputs.{key}"))
+    for node, where in found:
+        _schema_texts(node, where, 0, texts, names)
+
+
 def _param(where: str) -> str:
     """`tools[0].function.parameters` as the error's `param`, in the dotted form the other refusals use."""
     return where.replace("[", ".").replace("]", "")
@@ -198,6 +223,8 @@ def apply_policy(policy: TeamPolicy, body: dict, kind: str) -> PolicyOutcome:
     if kind in ("chat", "responses") and ("tools" in body or "functions" in body):
         tool_texts, names = _tool_texts(body, kind)
         texts += tool_texts
+    if kind != "embeddings" and any(k in body for k in _FORMAT_KEYS):
+        _format_texts(body, kind, texts, names)
     token_ids = 0 if kind in ("chat", "responses") else _token_ids(body, field_)
     if token_ids and (policy.pii != "off" or policy.injection == "block"):
         # The gateway has no tokenizer: ids cannot be checked for personal data or injection, so they cannot pass.

@@ -112,6 +112,10 @@ def _int_field(body: dict, name: str, minimum: int) -> None:
 
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})  # OpenAI's, as vLLM takes them
+# vLLM's structured-output fields before `structured_outputs`: vLLM now ignores them, so the answer would come back
+# unconstrained with a 200 and nothing to tell the client why.
+REMOVED_GUIDED = frozenset({"guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                            "guided_decoding_backend", "guided_whitespace_pattern"})
 
 
 def validate(body: Any, kind: str) -> str:
@@ -161,6 +165,13 @@ def validate(body: Any, kind: str) -> str:
         _int_field(body, "max_tokens", 1)
         _int_field(body, "max_completion_tokens", 1)
         _int_field(body, "n", 1)
+        if not REMOVED_GUIDED.isdisjoint(body):
+            name = min(REMOVED_GUIDED.intersection(body))
+            raise E.GatewayError(400, f"`{name}` is no longer read by the model server (vLLM removed the guided_* "
+                                      f"fields), so the answer would not be constrained. Use `structured_outputs` "
+                                      f"({{\"json\": schema}}, {{\"choice\": [...]}}, {{\"regex\": ...}} or "
+                                      f"{{\"grammar\": ...}}) or OpenAI's `response_format`.",
+                                 code="unsupported_parameter", param=name)
     return model
 
 

@@ -311,6 +311,54 @@ def test_pii_redact_covers_tools_and_participant_names(gw, upstream, body, sent)
     assert "[PHONE]" in sent(req) and "[EMAIL]" in sent(req)
 
 
+WHO = {"type": "object", "properties": {"who": {"type": "string", "enum": ["13812345678", "li.lei@example.com"]}},
+       "required": ["who"]}
+
+
+@pytest.mark.parametrize("path,body,sent", [
+    ("/v1/chat/completions", {"messages": ASK, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "who", "schema": WHO}}},
+     lambda req: req["response_format"]["json_schema"]["schema"]["properties"]["who"]["enum"]),
+    ("/v1/chat/completions", {"messages": ASK, "structured_outputs": {"json": WHO}},
+     lambda req: req["structured_outputs"]["json"]["properties"]["who"]["enum"]),
+    ("/v1/completions", {"prompt": "Who?", "structured_outputs": {"choice": ["13812345678", "li.lei@example.com"]}},
+     lambda req: req["structured_outputs"]["choice"]),
+    ("/v1/responses", {"input": "Who?", "text": {"format": {"type": "json_schema", "name": "who", "schema": WHO}}},
+     lambda req: req["text"]["format"]["schema"]["properties"]["who"]["enum"]),
+])
+def test_pii_policy_reads_the_schemas_and_choices_an_answer_is_held_to(gw, upstream, path, body, sent):
+    """The model is not shown a response format, but its answer is held to it: an enum or a choice becomes the
+    answer's text, so personal data there is redacted, or blocked, as in the prompt."""
+    r = _post(gw, gw.key("careful", pii="redact"), body, path)
+    assert r.status_code == 200, r.text
+    req = upstream.requests[-1]
+    assert "13812345678" not in json.dumps(req) and "li.lei@example.com" not in json.dumps(req)
+    assert sent(req) == ["[PHONE]", "[EMAIL]"]
+    hits = upstream.hits
+    r = _post(gw, gw.key("strict", pii="block"), body, path)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "content_policy_violation"
+    assert upstream.hits == hits
+
+
+@pytest.mark.parametrize("path,body", [("/v1/chat/completions", {"messages": ASK, "guided_choice": ["a", "b"]}),
+                                       ("/v1/completions", {"prompt": "Who?", "guided_json": WHO})])
+def test_vllms_removed_guided_fields_are_refused_not_ignored(gw, upstream, path, body):
+    """vLLM now ignores guided_* (a 200 with an unconstrained answer): the client is told what to send instead."""
+    hits = upstream.hits
+    r = _post(gw, gw.key(), body, path)
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["code"] == "unsupported_parameter" and error["param"] in body
+    assert "structured_outputs" in error["message"] and upstream.hits == hits
+
+
+def test_a_response_format_property_named_with_personal_data_is_refused_by_name(gw, upstream):
+    schema = {"type": "object", "properties": {"li.lei@example.com": {"type": "string"}}}
+    r = _post(gw, gw.key("careful", pii="redact"), {"messages": ASK, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format.json_schema.schema"
+    assert "rename it" in r.json()["error"]["message"]
+
+
 def test_pii_redact_rewrites_every_schema_string_and_keeps_the_schema_whole(gw, upstream):
     contact = {"type": "object", "title": f"Contact of {PII_TEXT}", "properties": {"who": {
         "type": "string", "description": f"e.g. {PII_TEXT}", "enum": ["13812345678", "li.lei@example.com", "nobody"],
