@@ -489,14 +489,7 @@ class Proxy:
             ex.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             ex.completion_tokens = int(usage.get("completion_tokens") or 0)
         if ex.completion_parts is not None and isinstance(obj, dict):
-            for choice in obj.get("choices") or ():
-                if not isinstance(choice, dict):
-                    continue
-                message = choice.get("message")
-                if isinstance(message, dict):
-                    _answer_texts(message, _choice_parts(ex, choice))
-                elif isinstance(choice.get("text"), str):
-                    _choice_parts(ex, choice).append(choice["text"])
+            _choices_texts(obj, ex, "message")
         await self._audit(ex)
         await _respond(send, 200, data, JSON_HEADERS + ex.rate_headers, ex.rid)
 
@@ -764,16 +757,21 @@ def _collect_texts(events: list[bytes], ex: Exchange) -> None:
     if objs is None or len(objs) != len(events):  # another shape (comments, several lines): one event at a time
         objs = [event_json(event) for event in events]
     for obj in objs:
-        if not isinstance(obj, dict):
+        if isinstance(obj, dict):
+            _choices_texts(obj, ex, "delta")
+
+
+def _choices_texts(obj: dict, ex: Exchange, key: str) -> None:
+    """Add what each choice of a whole answer (`key` "message") or of a stream chunk ("delta") says, or its `text`
+    (text completions), to the audit's parts of that choice."""
+    for choice in obj.get("choices") or ():
+        if not isinstance(choice, dict):
             continue
-        for choice in obj.get("choices") or ():
-            if not isinstance(choice, dict):
-                continue
-            delta = choice.get("delta")
-            if isinstance(delta, dict):
-                _answer_texts(delta, _choice_parts(ex, choice))
-            elif isinstance(choice.get("text"), str):
-                _choice_parts(ex, choice).append(choice["text"])
+        answer = choice.get(key)
+        if isinstance(answer, dict):
+            _answer_texts(answer, _choice_parts(ex, choice))
+        elif isinstance(choice.get("text"), str):
+            _choice_parts(ex, choice).append(choice["text"])
 
 
 def _choice_parts(ex: Exchange, choice: dict) -> list[str]:
