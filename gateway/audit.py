@@ -131,9 +131,14 @@ _canonical = json.encoder.c_make_encoder(None, _not_json, json.encoder.encode_ba
                                          False)
 
 
-def tool_call_text(name: str) -> str:
-    """How a record's completion text shows a tool call the model made, before the call's arguments."""
-    return f"[tool_call {name}] "
+def add_tool_call(call: dict, parts: list[str]) -> None:
+    """Append a tool call the model made (a chat `function` or a Responses `function_call` item: `name`,
+    `arguments`) to a record's completion text as `[tool_call NAME] ARGUMENTS`; a streamed call's first piece has
+    the name, its later ones the arguments."""
+    if isinstance(call.get("name"), str):
+        parts.append(f"[tool_call {call['name']}] ")
+    if isinstance(call.get("arguments"), str):
+        parts.append(call["arguments"])
 
 
 def canonical_json(value: Any) -> str:

@@ -27,7 +27,7 @@ import orjson
 from gateway import errors as E
 from gateway import responses_api
 from gateway.accounts import MAX_INT32
-from gateway.audit import AuditRecord, tool_call_text
+from gateway.audit import AuditRecord, add_tool_call
 from gateway.client_watch import ClientWatch
 from gateway.config import GatewayConfig
 from gateway.directory import Directory, KeyEntry
@@ -799,10 +799,7 @@ def _answer_texts(message: dict, parts: list[str]) -> None:
     fns.append(message.get("function_call"))  # the legacy `functions` API's single call
     for fn in fns:
         if isinstance(fn, dict):
-            if isinstance(fn.get("name"), str):
-                parts.append(tool_call_text(fn["name"]))
-            if isinstance(fn.get("arguments"), str):
-                parts.append(fn["arguments"])
+            add_tool_call(fn, parts)
 
 
 async def _respond(send, status: int, body: bytes, headers: list[tuple[bytes, bytes]], rid: str) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from gateway import errors as E
-from gateway.audit import tool_call_text
+from gateway.audit import add_tool_call
 from gateway.upstream import event_json
 
 PATH = "/v1/responses"
@@ -86,10 +86,7 @@ def output_texts(response: dict) -> list[str]:
         if not isinstance(item, dict):
             continue
         if item.get("type") == "function_call":
-            if isinstance(item.get("name"), str):
-                out.append(tool_call_text(item["name"]))
-            if isinstance(item.get("arguments"), str):
-                out.append(item["arguments"])
+            add_tool_call(item, out)
             continue
         content = item.get("content")
         for part in content if isinstance(content, list) else ():
@@ -122,8 +119,8 @@ class ResponseEvents:
             return True
         if kind == ITEM_ADDED and self.parts is not None and b'"function_call"' in event:
             item = (event_json(event) or {}).get("item")
-            if isinstance(item, dict) and item.get("type") == "function_call" and isinstance(item.get("name"), str):
-                self.parts.append(tool_call_text(item["name"]))
+            if isinstance(item, dict) and item.get("type") == "function_call":
+                add_tool_call({"name": item.get("name")}, self.parts)  # its arguments follow in delta events
         if kind in FINAL:
             obj = event_json(event)
             response = obj.get("response") if obj is not None else None
