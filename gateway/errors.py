@@ -6,6 +6,8 @@ status, so the `openai` SDK raises the matching exception class (BadRequestError
 
 from __future__ import annotations
 
+import math
+
 import orjson
 
 from sovereign.errors import SovereignError
@@ -66,8 +68,11 @@ def body_too_large(limit: int) -> GatewayError:
                         code="request_too_large")
 
 
-def overloaded(message: str) -> GatewayError:
-    return GatewayError(503, message, type="server_error", code="overloaded")
+def overloaded(message: str, retry_after_s: float = 1.0) -> GatewayError:
+    # Without Retry-After the SDK retries a 503 after 0.5 s and 1 s, long before a replica can be healthy again.
+    seconds = max(1, math.ceil(retry_after_s))
+    return GatewayError(503, message, type="server_error", code="overloaded",
+                        headers={"retry-after": str(seconds), "retry-after-ms": str(seconds * 1000)})
 
 
 def upstream_timeout(message: str) -> GatewayError:

@@ -437,9 +437,11 @@ class Proxy:
                 continue
             return replica, resp
         if not tried:
-            raise E.overloaded(f"No healthy replica serves `{ex.model}` right now; retry shortly.")
+            # A replica comes back on its next good health poll, not before.
+            raise E.overloaded(f"No healthy replica serves `{ex.model}` right now; retry shortly.",
+                               self.config.health_check_interval_s)
         raise E.overloaded(f"Every replica tried for `{ex.model}` failed before answering ({last_error[:200]}); "
-                           f"retry shortly.")
+                           f"retry shortly.", self.config.health_check_interval_s)
 
     async def _relay_upstream_error(self, send, ex: Exchange, resp: Response, path: str) -> None:
         """The upstream refused (e.g. vLLM's 400 for a prompt longer than the context): pass it on as OpenAI's error."""

@@ -147,6 +147,9 @@ def test_no_healthy_replica_is_503(start_gateway):
     with pytest.raises(openai.InternalServerError) as err:
         gw.client(gw.key()).chat.completions.create(model="fake-model", messages=USER)
     assert err.value.status_code == 503 and err.value.body["code"] == "overloaded"
+    # Come back after the next health poll (0.5 s here), not the SDK's own 0.5 s / 1 s backoff.
+    assert err.value.response.headers["retry-after"] == "1"
+    assert err.value.response.headers["retry-after-ms"] == "1000"
     assert httpx.get(f"{gw.url}/readyz").status_code == 503
 
 
