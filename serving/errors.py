@@ -17,6 +17,10 @@ class ModelExists(ServingError):
     code = "model_exists"
 
 
+class ModelInUse(ServingError):
+    code = "model_in_use"
+
+
 class ModelTampered(ServingError):
     """A file in the model folder no longer matches the manifest; serving refuses the model."""
 

@@ -7,15 +7,18 @@ An import is built in a hidden temp folder and renamed into place: a failed impo
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
+import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from serving.errors import ImportFailed, ModelExists, ModelNotFound, ModelTampered
+from serving.errors import ImportFailed, ModelExists, ModelInUse, ModelNotFound, ModelTampered
 from sovereign.formats import MODEL_MANIFEST, ModelManifest, ModelOrigin, digest_files, sha256_file, sha256_text
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -31,6 +34,11 @@ Progress = Callable[[str], None]
 # Always fullmatch: `$` would let a trailing "\n" in.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _NAME_RULE = "use letters, digits, '-', '_', '.' (starting with a letter or digit, at most 128)"
+
+# `models/.in-use/<name>@<pid>.lock`: each supervisor holds an flock on its own file while it serves a model, so
+# `remove` can tell a live server from a file a killed one left (the kernel drops the lock with the process).
+# Outside the model folder, so a forced re-import, which swaps the folder, keeps it.
+_IN_USE = ".in-use"
 
 
 def default_gguf_path() -> Path:
@@ -123,9 +131,57 @@ class ModelStore:
             raise ModelTampered(f"model {name!r}: {extra[0]} is not in its manifest; remove it or re-import")
         return manifest
 
-    def remove(self, name: str) -> None:
+    def remove(self, name: str, *, force: bool = False) -> None:
+        """Delete a model; refused while a supervisor serves it (its next restart would find nothing) unless forced.
+
+        The folder is first renamed to a hidden one, so a remove killed halfway leaves no half-deleted model listed."""
         self.get(name)
-        shutil.rmtree(self.path(name))
+        if not force and (pids := self.served_by(name)):
+            raise ModelInUse(f"model {name!r} is being served (sovereign serve, pid {', '.join(map(str, pids))}); "
+                             f"stop that server first (`sovereign down` for `sovereign up`), or pass --force")
+        aside = Path(tempfile.mkdtemp(dir=self.root, prefix=f".removed-{name}-"))
+        self.path(name).rename(aside / name)
+        shutil.rmtree(aside, ignore_errors=True)
+
+    @contextmanager
+    def serving(self, name: str) -> Iterator[None]:
+        """Mark `name` as served by this process for as long as the block runs (see `served_by`)."""
+        folder = self.root / _IN_USE
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{self.path(name).name}@{os.getpid()}.lock"
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:  # `served_by` may have taken this file for a dead server's and unlinked it before our lock
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+            os.close(fd)
+
+    def served_by(self, name: str) -> list[int]:
+        """PIDs of the live processes serving `name`; files left by dead ones are deleted on the way."""
+        folder = self.root / _IN_USE
+        pids = []
+        for path in sorted(folder.glob(f"{self.path(name).name}@*.lock")) if folder.is_dir() else []:
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pids.append(int(path.stem.rsplit("@", 1)[1]))
+            else:
+                path.unlink(missing_ok=True)
+            finally:
+                os.close(fd)
+        return pids
 
     def import_gguf(self, gguf: Path, name: str, *, license: str | None = None, package: str | None = None,
                     dtype: str = "float32", progress: Progress | None = None, force: bool = False) -> ModelManifest:

@@ -64,7 +64,8 @@ class Supervisor:
         health = HealthServer(self.status, self.profile.host, self.profile.health_port)
         health.start()
         try:
-            return await self._supervise()
+            with self.store.serving(self.model):  # `sovereign models remove` refuses the model meanwhile
+                return await self._supervise()
         finally:
             if self.engine:
                 await self.engine.stop()

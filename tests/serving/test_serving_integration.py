@@ -59,6 +59,17 @@ def test_supervisor_health_reports_model_verified_and_ready(live_server):
     assert httpx.get(f"{live_server.health_url}/healthz").status_code == 200
 
 
+def test_the_served_model_cannot_be_removed_from_under_its_server(live_server):
+    from tests.conftest import run_sovereign
+
+    assert ModelStore(live_server.home / "models").served_by(live_server.model) == [live_server.proc.pid]
+    refused = run_sovereign(live_server.home, "models", "remove", live_server.model, check=False)
+    assert refused.returncode != 0
+    assert f"pid {live_server.proc.pid}" in refused.stderr and "is being served" in refused.stderr
+    assert ModelStore(live_server.home / "models").verify(live_server.model)
+    assert "Paris" in greedy(live_server, live_server.model)
+
+
 def test_published_adapter_appears_changes_output_and_disappears_when_removed(live_server, make_lora):
     base = ModelStore(live_server.home / "models").get(live_server.model)
     registry = AdapterRegistry(live_server.home / "adapters")

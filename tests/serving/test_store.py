@@ -8,8 +8,9 @@ import subprocess
 import pytest
 
 from tests.conftest import DEFAULT_MODEL, REPO, free_port, run_sovereign, sovereign_cmd
-from serving.errors import ImportFailed, ModelExists, ModelNotFound, ModelTampered
+from serving.errors import ImportFailed, ModelExists, ModelInUse, ModelNotFound, ModelTampered
 from serving.store import ModelStore
+from sovereign.formats import AdapterManifest
 from sovereign.offline import offline_env
 
 
@@ -160,3 +161,50 @@ def test_forced_reimport_replaces_the_model_and_leaves_nothing_hidden(tmp_path, 
     assert second.imported_at > first.imported_at
     assert "generation_config.json" in {f.path for f in s.verify("m").files}
     assert sorted(p.name for p in s.root.iterdir()) == ["m"]
+
+
+def test_a_served_model_is_not_removed_unless_forced(tmp_path, tiny_hf):
+    s = ModelStore(tmp_path / "models")
+    s.import_hf(tiny_hf, "m")
+    s.import_hf(tiny_hf, "m2")
+    with s.serving("m"):
+        assert s.served_by("m") == [os.getpid()] and s.served_by("m2") == []
+        with pytest.raises(ModelInUse, match=f"model 'm' is being served \\(sovereign serve, pid {os.getpid()}\\)"):
+            s.remove("m")
+        assert s.verify("m").name == "m"
+        s.remove("m2")
+    assert s.served_by("m") == []
+    s.remove("m")
+    assert s.list() == [] and sorted(p.name for p in s.root.iterdir()) == [".in-use"]
+    with s.serving("m"):
+        pass  # a model may be served by name before it exists; nothing to remove then
+    s.import_hf(tiny_hf, "m")
+    with s.serving("m"):
+        s.remove("m", force=True)
+    assert s.list() == []
+
+
+def test_a_lock_left_by_a_killed_server_does_not_block_removal(tmp_path, tiny_hf):
+    s = ModelStore(tmp_path / "models")
+    s.import_hf(tiny_hf, "m")
+    stale = s.root / ".in-use" / "m@999999.lock"  # its process is gone, and the kernel dropped its lock with it
+    stale.parent.mkdir()
+    stale.touch()
+    assert s.served_by("m") == [] and not stale.exists()
+    s.remove("m")
+    assert s.list() == []
+
+
+def test_models_remove_cli_refuses_a_model_with_published_adapters(tmp_path, tiny_hf):
+    run_sovereign(tmp_path, "models", "import", str(tiny_hf), "--name", "m")
+    base = ModelStore(tmp_path / "models").get("m")
+    folder = tmp_path / "adapters" / "support" / "v1"
+    folder.mkdir(parents=True)
+    AdapterManifest(name="support", version="v1", base_model="m", base_manifest_sha256=base.canonical_sha256(),
+                    rank=8).write(folder / "adapter.json")
+    refused = run_sovereign(tmp_path, "models", "remove", "m", check=False)
+    assert refused.returncode != 0
+    assert "adapters are published on model 'm'" in refused.stderr and "support@v1" in refused.stderr
+    assert ModelStore(tmp_path / "models").exists("m")
+    run_sovereign(tmp_path, "models", "remove", "m", "--force")
+    assert not ModelStore(tmp_path / "models").exists("m")
