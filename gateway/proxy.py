@@ -258,6 +258,11 @@ class Proxy:
     async def _models(self, scope: dict, send, ex: Exchange) -> None:
         policy = ex.entry.team
         cards = [c for c in self.router.model_cards() if self._allows(policy, c["id"])]
+        for name, versions in self.router.aliases():
+            latest = next((v for v in versions if self._allows(policy, v)), None)
+            if latest is not None:  # the bare name, as a card of its newest version this team may call
+                card = next(c for c in cards if c["id"] == latest)
+                cards.append({**card, "id": name, "resolves_to": latest})
         path = scope["path"]
         if path in ("/v1/models", "/v1/models/"):
             payload: dict[str, Any] = {"object": "list", "data": cards}
@@ -280,11 +285,17 @@ class Proxy:
             raise E.invalid_request(f"The request body is not valid JSON: {exc}"[:300]) from None
         ex.model = model = validate(body, ex.kind)
         route = self.router.resolve(model)
-        if route is None:
+        if route is None and not self.router.versions(model):
             await self.router.refresh_on_miss()
             route = self.router.resolve(model)
-            if route is None:
-                raise E.model_not_found(model)
+        if route is None and (versions := self.router.versions(model)):
+            # A bare adapter name means its newest version this team may call: apps keep calling `support` while
+            # new versions are published (and an old one is back once a bad one is removed).
+            latest = next((v for v in versions if self._allows(entry.team, v)), versions[0])
+            ex.model = model = body["model"] = latest
+            route = self.router.resolve(model)
+        if route is None:
+            raise E.model_not_found(model)
         ex.base, ex.adapter, candidates = route
         if not self._allows(entry.team, model):
             raise E.model_not_allowed(model, entry.team.name, self.owner(model))

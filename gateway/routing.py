@@ -63,6 +63,7 @@ class Router:
                 pool.append(replica)
             self.pools[base] = pool
         self._adapters: dict[str, tuple[str, list[Replica]]] = {}  # adapter id -> (base, replicas serving it)
+        self._versions: dict[str, list[str]] = {}  # adapter name -> its served `name@version` ids, newest first
         self.health_interval_s = health_interval_s
         self.probe_timeout_s = probe_timeout_s
         self._session: aiohttp.ClientSession | None = None
@@ -80,6 +81,13 @@ class Router:
         if hit is not None:
             return hit[0], model, hit[1]
         return None
+
+    def versions(self, name: str) -> list[str]:
+        """The served versions of adapter `name` (ids `name@VERSION`), newest first: what a bare `name` may mean."""
+        return self._versions.get(name, [])
+
+    def aliases(self) -> list[tuple[str, list[str]]]:
+        return list(self._versions.items())
 
     @staticmethod
     def pick(candidates: list[Replica], exclude: list[Replica]) -> Replica | None:
@@ -124,6 +132,14 @@ class Router:
                         continue
                     adapters.setdefault(model_id, (base, []))[1].append(r)
         self._adapters = adapters
+        versions: dict[str, list[str]] = {}
+        for model_id in adapters:
+            name, at, _ = model_id.rpartition("@")
+            if at and name not in self.pools and name not in adapters:
+                versions.setdefault(name, []).append(model_id)
+        for ids in versions.values():
+            ids.sort(key=_version_key, reverse=True)
+        self._versions = versions
 
     async def _probe(self, replica: Replica) -> None:
         assert self._session is not None
@@ -200,6 +216,13 @@ class Router:
 
     def healthy_count(self) -> int:
         return sum(r.healthy for r in self.replicas.values())
+
+
+def _version_key(model_id: str) -> tuple[int, str]:
+    """v12 after v9 (and 12 after 9: the registry's vN, or bare numbers); other version names after those, by name."""
+    version = model_id.rpartition("@")[2]
+    digits = version[1:] if version[:1] == "v" else version
+    return (1, f"{int(digits):020d}") if digits.isdigit() and digits.isascii() else (0, version)
 
 
 def _card(model_id: str, upstream: dict[str, Any] | None, parent: str | None) -> dict[str, Any]:

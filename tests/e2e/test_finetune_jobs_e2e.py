@@ -104,7 +104,12 @@ def test_openai_sdk_fine_tunes_the_default_model_and_chats_with_the_adapter(ft_g
     reply = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=32, temperature=0,
                                            messages=[{"role": "user", "content": "Where is my order?"}])
     assert reply.choices[0].message.content.strip()
+    # The bare name calls the newest version: apps keep their model name across retraining.
+    by_name = client.chat.completions.create(model="support-api", max_tokens=32, temperature=0,
+                                             messages=[{"role": "user", "content": "Where is my order?"}])
+    assert by_name.model == job.fine_tuned_model
+    assert by_name.choices[0].message.content == reply.choices[0].message.content
     other = ft_gateway.client(ft_gateway.make_key("other-team", allowed_models=[model]), timeout=60)
-    with pytest.raises(openai.PermissionDeniedError):
-        other.chat.completions.create(model=job.fine_tuned_model, max_tokens=8,
-                                      messages=[{"role": "user", "content": "hi"}])
+    for name in (job.fine_tuned_model, "support-api"):
+        with pytest.raises(openai.PermissionDeniedError):
+            other.chat.completions.create(model=name, max_tokens=8, messages=[{"role": "user", "content": "hi"}])

@@ -55,9 +55,11 @@ def test_completions_stream_and_not(gw):
 
 def test_models_lists_only_what_the_team_may_use_adapters_included(gw):
     everything = gw.client(gw.key("all")).models.list()
-    assert {m.id for m in everything.data} == {"fake-model", "support@1"}
+    assert {m.id for m in everything.data} == {"fake-model", "support@1", "support"}
     adapter = next(m for m in everything.data if m.id == "support@1")
     assert adapter.model_extra["parent"] == "fake-model"
+    alias = next(m for m in everything.data if m.id == "support")
+    assert alias.model_extra["parent"] == "fake-model" and alias.model_extra["resolves_to"] == "support@1"
     base_only = gw.client(gw.key("base-only", allowed_models=["fake-model"])).models.list()
     assert [m.id for m in base_only.data] == ["fake-model"]
     assert gw.client(gw.key("all")).models.retrieve("support@1").id == "support@1"
@@ -68,6 +70,41 @@ def test_adapter_requests_route_to_replicas_serving_it(gw, upstream):
                                                                                        messages=USER)
     assert r.choices[0].message.content == "Echo: hello there"
     assert upstream.requests[-1]["model"] == "support@1"
+
+
+def test_a_bare_adapter_name_calls_its_newest_version_the_team_may_use(start_gateway):
+    fake = FakeUpstream(adapters=["support@v2", "support@v10", "support@v9", "other@v1"])
+    with ThreadServer(fake) as up:
+        gw = start_gateway({"fake-model": [up.url]}, health_check_interval_s=0.2)
+        every = gw.client(gw.key("every", allowed_models=["support@*"]))
+        r = every.chat.completions.create(model="support", messages=USER)
+        assert fake.requests[-1]["model"] == "support@v10" and r.model == "support@v10"  # v10 after v9, not before
+        older = gw.client(gw.key("older", allowed_models=["support@v2", "support@v9"]))
+        assert older.chat.completions.create(model="support", messages=USER).model == "support@v9"
+        assert [m.model_extra["resolves_to"] for m in older.models.list().data if m.id == "support"] == ["support@v9"]
+        with pytest.raises(openai.PermissionDeniedError) as err:
+            gw.client(gw.key("base", allowed_models=["fake-model"])).chat.completions.create(model="support",
+                                                                                              messages=USER)
+        assert err.value.body["code"] == "model_not_allowed"
+        assert "support" not in {m.id for m in gw.client(gw.key("base")).models.list().data}
+        fake.adapters.remove("support@v10")  # a bad version removed from the registry: callers are back on v9
+        deadline = time.monotonic() + 10
+        while every.chat.completions.create(model="support", messages=USER).model != "support@v9":
+            assert time.monotonic() < deadline, "support still resolves to the removed version"
+            time.sleep(0.2)
+        rows = [r for r in _audit(gw) if r["team"] == "every"]
+        assert rows[0]["adapter"] == "support@v10" and rows[-1]["adapter"] == "support@v9"
+
+
+def _audit(gw) -> list[dict]:
+    import io
+    import json
+
+    from gateway.audit import export
+
+    buf = io.StringIO()
+    export(gw.app.config.resolved_database_url(), buf)
+    return [json.loads(line) for line in buf.getvalue().splitlines()]
 
 
 def test_wrong_key_is_401_invalid_api_key(gw):
