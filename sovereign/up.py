@@ -54,10 +54,14 @@ class Platform:
             pass  # not our child (started by an earlier `up`): kill(pid, 0) said enough
         return pid
 
-    def spawn(self, name: str, args: list[str], **env: str) -> int:
+    def spawn(self, name: str, args: list[str], *, keep_alive: bool = False, **env: str) -> int:
+        """Start `sovereign ARGS` detached; `keep_alive`: under sovereign.keepalive, restarted if it dies."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "sovereign.cli", *args]
+        if keep_alive:
+            command = [sys.executable, "-m", "sovereign.keepalive", "--", *command]
         with open(self.log_file(name), "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "sovereign.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL,
                                     env=offline_env(SOVEREIGN_HOME=str(self.home.home), **env),
                                     start_new_session=True)
@@ -171,7 +175,8 @@ def up(
     api_key = os.environ.get("SOVEREIGN_GATEWAY_BOOTSTRAP_KEY") or plat.admin_key()
     if not plat.running("gateway"):
         config = plat.write_gateway_config(DEFAULT_MODEL_NAME, f"http://127.0.0.1:{vllm_port}", port)
-        plat.spawn("gateway", ["gateway", "--config", str(config)], SOVEREIGN_GATEWAY_BOOTSTRAP_KEY=api_key)
+        plat.spawn("gateway", ["gateway", "--config", str(config)], keep_alive=True,
+                   SOVEREIGN_GATEWAY_BOOTSTRAP_KEY=api_key)
     try:
         _wait(f"http://127.0.0.1:{port}/readyz", "the gateway", 120, lambda: plat.running("gateway"))
     except RuntimeError as exc:

@@ -1,9 +1,14 @@
 """`sovereign up` — the README's first command — brings vLLM and the gateway up and answers through the gateway."""
 
 import json
+import time
 
+import openai
+import psutil
 import pytest
 from openai import OpenAI
+
+from sovereign.keepalive import FIRST_START_S
 
 from tests.conftest import DEFAULT_MODEL, free_port, run_sovereign
 
@@ -33,9 +38,26 @@ def test_up_answers_paris_through_the_gateway_and_down_stops_it(sovereign_home, 
         again = run_sovereign(home, "up", "--port", str(port), "--vllm-port", str(vllm_port),
                               "--health-port", str(health_port), timeout=600)
         assert json.loads(again.stdout.strip().splitlines()[-1])["api_key"] == key  # idempotent, same key
+
+        # The gateway crashes (or the OOM killer takes it): the door comes back by itself, like the engine does.
+        keeper = psutil.Process(int((home / "run" / "platform" / "gateway.pid").read_text()))
+        gateway = keeper.children()[0]
+        time.sleep(max(0.0, gateway.create_time() + FIRST_START_S - time.time()))
+        gateway.kill()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if client.models.list().data:
+                    break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline, "the gateway did not come back after it was killed"
+                time.sleep(0.5)
+        assert keeper.children()[0].pid != gateway.pid
+        assert "process died; restarting" in (home / "run" / "platform" / "gateway.log").read_text()
     finally:
         down = run_sovereign(home, "down", check=False)
     assert "gateway: stopped" in down.stderr and "serve: stopped" in down.stderr
+    assert not keeper.is_running() and not psutil.pid_exists(keeper.pid)
 
 
 def test_up_fails_fast_saying_why_when_vllm_cannot_start(sovereign_home, tmp_path):

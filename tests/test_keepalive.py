@@ -1,0 +1,54 @@
+"""sovereign.keepalive: what `sovereign up` runs the gateway under."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from sovereign.keepalive import FIRST_START_S
+
+SLEEPER = "import os, sys, time; open(sys.argv[1], 'a').write(f'{os.getpid()}\\n'); time.sleep(600)"
+
+
+def _keepalive(*command: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "sovereign.keepalive", "--", *command], stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def _pids(path: Path, at_least: int, timeout: float = 20) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = [int(p) for p in path.read_text().split()] if path.exists() else []
+        if len(pids) >= at_least:
+            return pids
+        time.sleep(0.1)
+    raise AssertionError(f"fewer than {at_least} starts in {timeout}s")
+
+
+def test_a_command_that_dies_is_restarted_and_sigterm_stops_both(tmp_path):
+    starts = tmp_path / "starts"
+    keeper = _keepalive(sys.executable, "-c", SLEEPER, str(starts))
+    try:
+        first = _pids(starts, 1)[0]
+        time.sleep(FIRST_START_S + 0.5)  # past the first-start window: a later death is a crash, not a bad config
+        os.kill(first, signal.SIGKILL)
+        second = _pids(starts, 2)[1]
+        assert second != first and psutil.pid_exists(second)
+        keeper.send_signal(signal.SIGTERM)
+        assert keeper.wait(20) == 128 + signal.SIGTERM  # the child's own end, passed on
+        assert not psutil.pid_exists(second) or psutil.Process(second).status() == psutil.STATUS_ZOMBIE
+        assert "process died; restarting" in keeper.stderr.read()
+    finally:
+        if keeper.poll() is None:
+            os.killpg(keeper.pid, signal.SIGKILL)
+
+
+def test_a_command_that_fails_at_its_first_start_is_not_restarted(tmp_path):
+    starts = tmp_path / "starts"
+    keeper = _keepalive(sys.executable, "-c", f"open({str(starts)!r}, 'a').write('1\\n'); raise SystemExit(2)")
+    assert keeper.wait(20) == 2
+    assert starts.read_text() == "1\n"
