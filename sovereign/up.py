@@ -163,7 +163,7 @@ def up(
     spawned = not plat.running("serve")
     if spawned:
         plat.spawn("serve", ["serve", "--profile", profile, "--model", DEFAULT_MODEL_NAME, "--port", str(vllm_port),
-                             "--health-port", str(health_port)])
+                             "--health-port", str(health_port)], keep_alive=True)
     try:
         _wait(f"http://127.0.0.1:{health_port}/readyz", f"vLLM ({profile} profile)", timeout,
               lambda: plat.running("serve"))

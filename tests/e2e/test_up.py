@@ -54,6 +54,25 @@ def test_up_answers_paris_through_the_gateway_and_down_stops_it(sovereign_home, 
                 time.sleep(0.5)
         assert keeper.children()[0].pid != gateway.pid
         assert "process died; restarting" in (home / "run" / "platform" / "gateway.log").read_text()
+
+        # The serving supervisor SIGKILLed: its vLLM goes with it (no orphan holding the port), and both come back.
+        serve_keeper = psutil.Process(int((home / "run" / "platform" / "serve.pid").read_text()))
+        supervisor = serve_keeper.children()[0]
+        engine = supervisor.children(recursive=True)
+        assert engine, "vLLM runs under the supervisor"
+        supervisor.kill()
+        gone, alive = psutil.wait_procs(engine, timeout=60)
+        assert not alive, f"vLLM outlived its supervisor: {alive}"
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                answer = client.chat.completions.create(model=DEFAULT_MODEL, temperature=0, max_tokens=24, messages=[
+                    {"role": "user", "content": "What is the capital of France?"}]).choices[0].message.content
+                break
+            except (openai.APIConnectionError, openai.InternalServerError):
+                assert time.monotonic() < deadline, "serving did not come back after its supervisor was killed"
+                time.sleep(2)
+        assert "Paris" in answer and serve_keeper.children()[0].pid != supervisor.pid
     finally:
         down = run_sovereign(home, "down", check=False)
     assert "gateway: stopped" in down.stderr and "serve: stopped" in down.stderr

@@ -49,3 +49,38 @@ def test_argparse_refusals_and_clean_logs(tmp_path):
     with open(engine.log_path, "a") as fh:
         fh.write(ARGPARSE)
     assert engine.failure_reason() == "api_server.py: error: unrecognized arguments: --bogus-flag"
+
+
+def test_the_engine_process_dies_with_its_supervisor_even_when_that_is_sigkilled(tmp_path):
+    """A SIGKILLed supervisor cannot stop vLLM itself: the kernel tells the engine instead (parent-death signal)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", f"""
+import asyncio, sys
+from serving.engine import _die_with_parent
+async def main():
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", "import time; time.sleep(600)",
+                                                start_new_session=True, preexec_fn=_die_with_parent)
+    open({str(pid_file)!r}, "w").write(str(proc.pid))
+    await proc.wait()
+asyncio.run(main())
+"""])
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        child = psutil.Process(int(pid_file.read_text()))
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        child.wait(10)  # gone on its own, though in a session of its own; psutil.TimeoutExpired if not
+        assert not child.is_running()
+    finally:
+        if parent.poll() is None:
+            parent.kill()
