@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import errno
 import os
 import re
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -129,6 +131,19 @@ class EngineProcess:
                 pass
         _signal_group(self.proc.pid, signal.SIGKILL)
         await self.proc.wait()
+
+
+def port_taken(host: str, port: int) -> bool:
+    """Something already listens where vLLM is to bind. Its /health would answer for an engine that is not ours
+    (an orphaned vLLM did: "engine ready" 31 ms after the start), until ours dies of the taken port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

@@ -15,7 +15,7 @@ import httpx
 
 from serving.adapter_sync import AdapterSync
 from serving.adapters import AdapterRegistry
-from serving.engine import EngineProcess
+from serving.engine import EngineProcess, port_taken
 from serving.errors import ModelTampered
 from serving.health import HealthServer
 from serving.profile import ServingProfile
@@ -89,6 +89,14 @@ class Supervisor:
             while not self._stop.is_set():
                 if not await self._verify():
                     return 3
+                if port_taken(self.profile.host, self.profile.port):
+                    reason = (f"Address already in use: port {self.profile.port} on {self.profile.host} is "
+                              f"taken by another process (an earlier vLLM?); stop it or serve on another --port")
+                    self.state.update(engine="restarting", failed_starts=self.state["failed_starts"] + 1, error=reason)
+                    log.error("engine not started: %s", reason)
+                    await self._until_stop(asyncio.sleep(backoff))
+                    backoff = min(backoff * 2, self.profile.restart_backoff_max_s)
+                    continue
                 self.engine = EngineProcess(self.profile, self.store.path(self.model), self.served_name,
                                             self.run_dir / "vllm.log")
                 await self.engine.start()

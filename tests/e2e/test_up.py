@@ -81,7 +81,7 @@ def test_up_answers_paris_through_the_gateway_and_down_stops_it(sovereign_home, 
 
 def test_up_fails_fast_saying_why_when_vllm_cannot_start(sovereign_home, tmp_path):
     # The commonest first-run failure: vLLM's port is taken. The supervisor retries for ever (a replica should heal);
-    # `up` has a person waiting, so it stops after two failed starts and prints vLLM's own reason.
+    # `up` has a person waiting, so it stops after two failed starts and prints the reason.
     import socket
 
     home = tmp_path / "home"

@@ -84,3 +84,16 @@ asyncio.run(main())
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_a_taken_port_is_seen_before_vllm_starts():
+    import socket
+
+    from serving.engine import port_taken
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert port_taken("127.0.0.1", port) and port_taken("0.0.0.0", port)
+    assert not port_taken("127.0.0.1", port)
