@@ -202,7 +202,9 @@ def serve(
         _store().get(model)
     setup_json_logging()
     sup = Supervisor(prof, _store(), _registry(), model, home.run_dir / f"serve-{prof.port}", served_name)
-    raise typer.Exit(asyncio.run(sup.run()))
+    with _errors():
+        code = asyncio.run(sup.run())
+    raise typer.Exit(code)
 
 
 def register(app: typer.Typer) -> None:

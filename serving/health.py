@@ -7,6 +7,7 @@ GET /status: the whole state as JSON.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+
+from serving.errors import ServingError
 
 
 def build_health_app(status: Callable[[], dict[str, Any]]) -> Starlette:
@@ -38,8 +41,18 @@ class HealthServer:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="health", daemon=True)
 
-    def start(self) -> None:
+    def start(self, timeout: float = 30) -> None:
+        """Return once it listens; raise if it cannot (uvicorn ends its thread on a taken port, and a supervisor
+        without its health endpoint would run an engine nobody can see is ready)."""
         self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                cfg = self.server.config
+                raise ServingError(f"the supervisor's health endpoint cannot listen on {cfg.host}:{cfg.port} (in use "
+                                   f"by another process?); choose another --health-port",
+                                   code="health_port_unavailable")
+            time.sleep(0.02)
 
     def stop(self) -> None:
         self.server.should_exit = True

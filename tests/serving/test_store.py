@@ -78,6 +78,22 @@ def test_serve_refuses_a_tampered_model_before_starting_vllm(copy_store, tmp_pat
     assert "config.json does not match its manifest" in proc.stderr
 
 
+def test_serve_stops_at_once_when_its_health_port_is_taken(sovereign_home):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = offline_env(SOVEREIGN_HOME=str(sovereign_home), PYTHONPATH=str(REPO))
+        proc = subprocess.run(sovereign_cmd("serve", "--model", DEFAULT_MODEL, "--port", str(free_port()),
+                                            "--health-port", str(port)),
+                              env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2
+    assert "health_port_unavailable" in proc.stderr and f"127.0.0.1:{port}" in proc.stderr
+    assert "engine starting" not in proc.stderr  # no vLLM behind a supervisor nobody can see
+
+
 def test_extra_file_in_model_folder_is_refused(copy_store):
     (copy_store.path("copy") / "evil.safetensors").write_bytes(b"x")
     with pytest.raises(ModelTampered, match="evil.safetensors is not in its manifest"):
