@@ -581,10 +581,21 @@ class JobRunner:
 
 def create_local_job(config: FinetuneConfig, config_path: Path | None, home: HomeSettings) -> Path:
     """A job folder for `sovereign finetune run`: the same record the gateway writes, carrying the whole config."""
+    data = config.data
+    resolved = {}
+    for field in ("train_file", "validation_file", "prepared_dir"):
+        path = getattr(data, field)
+        if path is None:
+            continue
+        if field != "prepared_dir" and not Path(path).is_file():
+            raise FinetuneError(f"data.{field}: {path}: no such file (a relative path is read from {Path.cwd()})",
+                                code="file_not_found")
+        resolved[field] = Path(path).resolve()  # the job may run, or be read, from elsewhere
+    config = config.model_copy(update={"data": data.model_copy(update=resolved)})
+    data = config.data
     job_id = new_job_id()
     job_dir = home.jobs_dir / job_id
     job_dir.mkdir(parents=True)
-    data = config.data
     training = str(data.train_file) if data.train_file else str(data.prepared_dir)
     record = JobRecord(id=job_id, status="queued", model=config.model, training_file=training,
                        validation_file=str(data.validation_file) if data.validation_file else None,

@@ -184,3 +184,21 @@ def test_prepared_data_is_reused_only_when_made_with_this_configs_settings(tmp_p
     assert not made_with(max_seq_len=8192)
     assert not made_with(model="another-model")
     assert not made_with(inputs=[{"role": "train", "sha256": sha256_file(raw)}, {"role": "validation", "sha256": "x"}])
+
+
+def test_a_local_job_names_a_missing_data_file_before_it_exists_and_keeps_absolute_paths(tmp_path, monkeypatch):
+    from finetune import jobs
+    from finetune.config import FinetuneConfig
+    from finetune.errors import FinetuneError
+
+    home = HomeSettings(home=tmp_path / "home")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FinetuneError, match=f"data.train_file: data/nope.jsonl: no such file .*read from {tmp_path}") as err:
+        jobs.create_local_job(FinetuneConfig.load(None, name="x", data={"train_file": "data/nope.jsonl"}), None, home)
+    assert err.value.code == "file_not_found" and not home.jobs_dir.exists()  # no failed job left to clean up
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "chats.jsonl").write_text("{}\n")
+    job = jobs.create_local_job(FinetuneConfig.load(None, name="x", data={"train_file": "data/chats.jsonl"}), None, home)
+    record = JobRecord.read(job / "job.json")
+    assert record.training_file == str(tmp_path / "data" / "chats.jsonl")  # runnable, and readable, from anywhere
+    assert record.config["data"]["train_file"] == str(tmp_path / "data" / "chats.jsonl")
