@@ -193,12 +193,14 @@ def test_a_local_job_names_a_missing_data_file_before_it_exists_and_keeps_absolu
 
     home = HomeSettings(home=tmp_path / "home")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FinetuneError, match=f"data.train_file: data/nope.jsonl: no such file .*read from {tmp_path}") as err:
-        jobs.create_local_job(FinetuneConfig.load(None, name="x", data={"train_file": "data/nope.jsonl"}), None, home)
+    missing = FinetuneConfig.load(None, name="x", data={"train_file": "data/nope.jsonl"})
+    with pytest.raises(FinetuneError, match=f"data/nope.jsonl: no such file .*read from {tmp_path}") as err:
+        jobs.create_local_job(missing, None, home)
     assert err.value.code == "file_not_found" and not home.jobs_dir.exists()  # no failed job left to clean up
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "chats.jsonl").write_text("{}\n")
-    job = jobs.create_local_job(FinetuneConfig.load(None, name="x", data={"train_file": "data/chats.jsonl"}), None, home)
+    there = FinetuneConfig.load(None, name="x", data={"train_file": "data/chats.jsonl"})
+    job = jobs.create_local_job(there, None, home)
     record = JobRecord.read(job / "job.json")
     assert record.training_file == str(tmp_path / "data" / "chats.jsonl")  # runnable, and readable, from anywhere
     assert record.config["data"]["train_file"] == str(tmp_path / "data" / "chats.jsonl")
