@@ -124,17 +124,8 @@ def models_remove(name: str,
                   force: Annotated[bool, typer.Option("--force", help="Remove it even while it is served or has "
                                                       "adapters published on it.")] = False) -> None:
     """Remove a model from the store (refused while served or while adapters are published on it)."""
-    from serving.errors import ModelInUse
-
     with _errors():
-        store = _store()
-        store.get(name)
-        adapters = [a.served_name for a in _registry().list(name)]
-        if adapters and not force:
-            raise ModelInUse(f"adapters are published on model {name!r} and could no longer be served: "
-                             f"{', '.join(adapters)}; remove them first (`sovereign adapters remove NAME`), "
-                             f"or pass --force")
-        store.remove(name, force=force)
+        _store().remove(name, force=force, adapters=[a.served_name for a in _registry().list(name)])
         console.print(f"removed {name}")
 
 

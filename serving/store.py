@@ -131,14 +131,19 @@ class ModelStore:
             raise ModelTampered(f"model {name!r}: {extra[0]} is not in its manifest; remove it or re-import")
         return manifest
 
-    def remove(self, name: str, *, force: bool = False) -> None:
-        """Delete a model; refused while a supervisor serves it (its next restart would find nothing) unless forced.
+    def remove(self, name: str, *, force: bool = False, adapters: list[str] | None = None) -> None:
+        """Delete a model; refused while a supervisor serves it (its next restart would find nothing) or while
+        `adapters` (published on it) would be left unservable, unless forced.
 
         The folder is first renamed to a hidden one, so a remove killed halfway leaves no half-deleted model listed."""
         self.get(name)
         if not force and (pids := self.served_by(name)):
             raise ModelInUse(f"model {name!r} is being served (sovereign serve, pid {', '.join(map(str, pids))}); "
                              f"stop that server first (`sovereign down` for `sovereign up`), or pass --force")
+        if not force and adapters:
+            raise ModelInUse(f"adapters are published on model {name!r} and could no longer be served: "
+                             f"{', '.join(adapters)}; remove them first (`sovereign adapters remove NAME`), "
+                             f"or pass --force")
         aside = Path(tempfile.mkdtemp(dir=self.root, prefix=f".removed-{name}-"))
         self.path(name).rename(aside / name)
         shutil.rmtree(aside, ignore_errors=True)
