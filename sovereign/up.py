@@ -69,6 +69,17 @@ class Platform:
         return proc.pid
 
     @property
+    def info_file(self) -> Path:
+        return self.dir / "platform.json"
+
+    def info(self) -> dict:
+        """Where the last `up` put things (ports, URLs); {} before the first."""
+        try:
+            return json.loads(self.info_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    @property
     def admin_key_file(self) -> Path:
         return self.dir / "admin-key"
 
@@ -160,6 +171,13 @@ def up(
 
         models_import_default()
     profile = profile or detect_device()
+    from sovereign.formats import write_json_atomic
+
+    write_json_atomic(plat.info_file, {"model": DEFAULT_MODEL_NAME, "profile": profile,
+                                       "base_url": f"http://127.0.0.1:{port}/v1",
+                                       "gateway_url": f"http://127.0.0.1:{port}",
+                                       "health_url": f"http://127.0.0.1:{health_port}",
+                                       "vllm_url": f"http://127.0.0.1:{vllm_port}"})
     spawned = not plat.running("serve")
     if spawned:
         plat.spawn("serve", ["serve", "--profile", profile, "--model", DEFAULT_MODEL_NAME, "--port", str(vllm_port),
@@ -209,6 +227,49 @@ def down() -> None:
         console.print(f"{name}: {'stopped' if plat.stop(name) else 'not running'}")
 
 
+def _ask(url: str) -> dict | None:
+    try:
+        return httpx.get(url, timeout=3, trust_env=False).json()
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of lines.")] = False) -> None:
+    """Say whether what `sovereign up` started is running and answering; exit 1 if a part is not."""
+    plat = Platform(HomeSettings())
+    info = plat.info()
+    serve_pid, gateway_pid = plat.running("serve"), plat.running("gateway")
+    engine = _ask(f"{info['health_url']}/status") if serve_pid and info else None
+    door = _ask(f"{info['gateway_url']}/readyz") if gateway_pid and info else None
+    report = {
+        "serve": {"pid": serve_pid, "engine": (engine or {}).get("engine"), "model": (engine or {}).get("model"),
+                  "profile": info.get("profile"), "adapters_loaded": (engine or {}).get("adapters_loaded"),
+                  "restarts": (engine or {}).get("restarts"), "error": (engine or {}).get("error"),
+                  "log": str(plat.log_file("serve"))},
+        "gateway": {"pid": gateway_pid, "ready": (door or {}).get("ready"), "base_url": info.get("base_url"),
+                    "healthy_replicas": sum(r.get("healthy", False) for r in (door or {}).get("replicas", [])),
+                    "models": (door or {}).get("models"), "log": str(plat.log_file("gateway"))},
+    }
+    ok = bool(engine and engine.get("engine") == "ready" and door and door.get("ready"))
+    if as_json:
+        print(json.dumps({"ok": ok, **report}, indent=2))
+    else:
+        for name, part in report.items():
+            if part["pid"] is None:
+                console.print(f"{name}: [red]not running[/red] (log: {part['log']})")
+                continue
+            state = part.get("engine") if name == "serve" else ("ready" if part["ready"] else "not ready")
+            detail = {k: v for k, v in part.items()
+                      if k not in ("pid", "engine", "ready", "log") and v not in (None, [])}
+            colour = "green" if state == "ready" else "yellow"
+            console.print(f"{name}: [{colour}]{state or 'not answering'}[/{colour}], pid {part['pid']}; "
+                          + ", ".join(f"{k} {v}" for k, v in detail.items()))
+        if not info:
+            console.print(f"No record of a `sovereign up` in {plat.dir} (SOVEREIGN_HOME={plat.home.home}).")
+    raise typer.Exit(0 if ok else 1)
+
+
 def register(app: typer.Typer) -> None:
     app.command("up")(up)
     app.command("down")(down)
+    app.command("status")(status)

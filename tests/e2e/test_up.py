@@ -35,6 +35,11 @@ def test_up_answers_paris_through_the_gateway_and_down_stops_it(sovereign_home, 
         assert "Paris" in answer
         assert DEFAULT_MODEL in {m.id for m in client.models.list().data}
 
+        status = run_sovereign(home, "status", "--json")  # exit 0: every part runs and answers
+        report = json.loads(status.stdout)
+        assert report["ok"] and report["serve"]["engine"] == "ready" and report["gateway"]["ready"]
+        assert report["gateway"]["base_url"] == info["base_url"] and report["gateway"]["healthy_replicas"] == 1
+
         again = run_sovereign(home, "up", "--port", str(port), "--vllm-port", str(vllm_port),
                               "--health-port", str(health_port), timeout=600)
         assert json.loads(again.stdout.strip().splitlines()[-1])["api_key"] == key  # idempotent, same key
@@ -77,6 +82,9 @@ def test_up_answers_paris_through_the_gateway_and_down_stops_it(sovereign_home, 
         down = run_sovereign(home, "down", check=False)
     assert "gateway: stopped" in down.stderr and "serve: stopped" in down.stderr
     assert not keeper.is_running() and not psutil.pid_exists(keeper.pid)
+    stopped = run_sovereign(home, "status", check=False)
+    assert stopped.returncode == 1
+    assert "serve: not running" in stopped.stderr and "gateway: not running" in stopped.stderr
 
 
 def test_up_fails_fast_saying_why_when_vllm_cannot_start(sovereign_home, tmp_path):
