@@ -239,18 +239,18 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON inst
     plat = Platform(HomeSettings())
     info = plat.info()
     serve_pid, gateway_pid = plat.running("serve"), plat.running("gateway")
-    engine = _ask(f"{info['health_url']}/status") if serve_pid and info else None
-    door = _ask(f"{info['gateway_url']}/readyz") if gateway_pid and info else None
+    engine = (_ask(f"{info['health_url']}/status") if serve_pid and info else None) or {}
+    door = (_ask(f"{info['gateway_url']}/readyz") if gateway_pid and info else None) or {}
     report = {
-        "serve": {"pid": serve_pid, "engine": (engine or {}).get("engine"), "model": (engine or {}).get("model"),
-                  "profile": info.get("profile"), "adapters_loaded": (engine or {}).get("adapters_loaded"),
-                  "restarts": (engine or {}).get("restarts"), "error": (engine or {}).get("error"),
+        "serve": {"pid": serve_pid, "engine": engine.get("engine"), "model": engine.get("model"),
+                  "profile": info.get("profile"), "adapters_loaded": engine.get("adapters_loaded"),
+                  "restarts": engine.get("restarts"), "error": engine.get("error"),
                   "log": str(plat.log_file("serve"))},
-        "gateway": {"pid": gateway_pid, "ready": (door or {}).get("ready"), "base_url": info.get("base_url"),
-                    "healthy_replicas": sum(r.get("healthy", False) for r in (door or {}).get("replicas", [])),
-                    "models": (door or {}).get("models"), "log": str(plat.log_file("gateway"))},
+        "gateway": {"pid": gateway_pid, "ready": door.get("ready"), "base_url": info.get("base_url"),
+                    "healthy_replicas": sum(r.get("healthy", False) for r in door.get("replicas", [])),
+                    "models": door.get("models"), "log": str(plat.log_file("gateway"))},
     }
-    ok = bool(engine and engine.get("engine") == "ready" and door and door.get("ready"))
+    ok = engine.get("engine") == "ready" and door.get("ready") is True
     if as_json:
         print(json.dumps({"ok": ok, **report}, indent=2))
     else:
