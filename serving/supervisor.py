@@ -90,12 +90,11 @@ class Supervisor:
                 if not await self._verify():
                     return 3
                 if port_taken(self.profile.host, self.profile.port):
-                    reason = (f"Address already in use: port {self.profile.port} on {self.profile.host} is "
-                              f"taken by another process (an earlier vLLM?); stop it or serve on another --port")
-                    self.state.update(engine="restarting", failed_starts=self.state["failed_starts"] + 1, error=reason)
-                    log.error("engine not started: %s", reason)
-                    await self._until_stop(asyncio.sleep(backoff))
-                    backoff = min(backoff * 2, self.profile.restart_backoff_max_s)
+                    self.state["engine"] = "restarting"
+                    self._start_failed(f"Address already in use: port {self.profile.port} on {self.profile.host} is "
+                                       f"taken by another process (an earlier vLLM?); stop it or serve on another "
+                                       f"--port")
+                    backoff = await self._back_off(backoff)
                     continue
                 self.engine = EngineProcess(self.profile, self.store.path(self.model), self.served_name,
                                             self.run_dir / "vllm.log")
@@ -118,13 +117,20 @@ class Supervisor:
                     reason = self.engine.failure_reason() or (
                         f"exit code {code}, no error line in {self.engine.log_path}" if exited
                         else f"not ready within {self.profile.ready_timeout_s:g} s")
-                    self.state.update(failed_starts=self.state["failed_starts"] + 1, error=reason)
-                    log.error("engine failed to start: %s", reason,
-                              extra={"exit_code": code, "log": str(self.engine.log_path)})
+                    self._start_failed(reason, exit_code=code, log=str(self.engine.log_path))
                 log.warning("engine down, restarting", extra={"exit_code": code, "backoff_s": backoff})
-                await self._until_stop(asyncio.sleep(backoff))
-                backoff = min(backoff * 2, self.profile.restart_backoff_max_s)
+                backoff = await self._back_off(backoff)
         return 0
+
+    def _start_failed(self, reason: str, **extra: Any) -> None:
+        """Count a start that never answered and say why, where `sovereign up` and health show it."""
+        self.state.update(failed_starts=self.state["failed_starts"] + 1, error=reason)
+        log.error("engine failed to start: %s", reason, extra=extra)
+
+    async def _back_off(self, backoff: float) -> float:
+        """Wait `backoff` seconds (or until stopped); the next wait is twice as long, up to the profile's cap."""
+        await self._until_stop(asyncio.sleep(backoff))
+        return min(backoff * 2, self.profile.restart_backoff_max_s)
 
     async def _watch(self, client: httpx.AsyncClient) -> None:
         """While the engine is healthy, reconcile adapters every poll interval."""
