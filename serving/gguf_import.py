@@ -29,9 +29,12 @@ def dequantize_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> N
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # local_files_only even though the environment says offline: huggingface_hub reads that environment once, when
+    # first imported, which in a process that imported it earlier was before apply_offline_env. transformers also
+    # writes the flag into tokenizer_config.json, so this keeps the imported bytes the same in every process.
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                 dtype=getattr(torch, dtype))
+                                                 dtype=getattr(torch, dtype), local_files_only=True)
     # The weights are plain tensors once dequantized; transformers still marks the model as GGUF-quantized and
     # refuses to save it, so drop that marker.
     model.hf_quantizer = None

@@ -16,7 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sovereign.offline import offline_env
+from sovereign.offline import apply_offline_env, offline_env
+
+apply_offline_env()  # before any test module imports huggingface_hub, which reads it once
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
