@@ -116,6 +116,7 @@ def export_adapter(adapter_dir: Path, *, name: str, base_model: str, prepared_di
                             + "; ".join(problems), code="adapter_unservable")
     lineage = {
         "base_model": {"name": base.name, "manifest_sha256": base.canonical_sha256(),
+                       "content_sha256": base.content_sha256(),
                        "chat_template_sha256": base.chat_template_sha256},
         "data": data_lineage(prepared_dir),
         "config": config,

@@ -49,6 +49,10 @@ def read_peft_config(folder: Path) -> dict[str, Any]:
     return json.loads(cfg.read_text(encoding="utf-8"))
 
 
+_PREDATES_CONTENT_HASH = ("; published before adapters recorded the base's content hash, so even the same weights "
+                          "imported again count as another copy: publish it again if they are the same")
+
+
 def servability_problems(folder: Path, manifest: AdapterManifest, base: ModelManifest,
                          max_lora_rank: int | None) -> list[str]:
     """Why vLLM cannot serve this adapter on this base model with this profile; empty when it can.
@@ -83,9 +87,11 @@ def servability_problems(folder: Path, manifest: AdapterManifest, base: ModelMan
                         f"supported by vLLM; train without it")
     if manifest.base_model != base.name:
         problems.append(f"trained for base model {manifest.base_model!r}, not {base.name!r}")
-    elif manifest.base_manifest_sha256 != base.canonical_sha256():
+    elif (manifest.base_manifest_sha256 != base.canonical_sha256()
+          and manifest.base_content_sha256 != base.content_sha256()):
         problems.append(f"trained on a different copy of {base.name!r} (base manifest hash "
-                        f"{manifest.base_manifest_sha256[:12]}…, store has {base.canonical_sha256()[:12]}…)")
+                        f"{manifest.base_manifest_sha256[:12]}…, store has {base.canonical_sha256()[:12]}…)"
+                        + ("" if manifest.base_content_sha256 else _PREDATES_CONTENT_HASH))
     if not any((folder / w).is_file() for w in _WEIGHTS):
         problems.append(f"no adapter weights ({' or '.join(_WEIGHTS)})")
     return problems
@@ -136,7 +142,7 @@ class AdapterRegistry:
         peft = read_peft_config(source)
         manifest = AdapterManifest(
             name=name, version=version, base_model=base.name, base_manifest_sha256=base.canonical_sha256(),
-            rank=peft["r"] if _positive_int(peft.get("r")) else 0, alpha=peft.get("lora_alpha"),
+            base_content_sha256=base.content_sha256(), rank=peft["r"] if _positive_int(peft.get("r")) else 0, alpha=peft.get("lora_alpha"),
             target_modules=_as_list(peft.get("target_modules")), use_dora=bool(peft.get("use_dora")),
             modules_to_save=peft.get("modules_to_save") or None,
             origin=origin or {"kind": "path", "source": str(source.resolve())},

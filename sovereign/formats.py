@@ -96,9 +96,10 @@ def digest_files(root: Path, names: list[str] | None = None, *, exclude: tuple[s
 class _Record(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    def canonical_sha256(self) -> str:
-        """A hash of the record's canonical JSON: what other records cite to pin this exact one."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    def canonical_sha256(self, include: set[str] | None = None) -> str:
+        """A hash of the record's canonical JSON (or of its `include` fields): what other records cite to pin it."""
+        blob = json.dumps(self.model_dump(mode="json", include=include), sort_keys=True, separators=(",", ":"),
+                          ensure_ascii=False)
         return sha256_text(blob)
 
     def write(self, path: Path) -> None:
@@ -129,6 +130,15 @@ class ModelManifest(_Record):
     imported_at: datetime = Field(default_factory=utcnow)
     files: list[FileDigest]
 
+    def content_sha256(self) -> str:
+        """A hash of what the model computes with, not of when or from where it was imported: the same GGUF
+        imported again, or on another host, hashes alike (the import writes the same bytes), so adapters trained on
+        one copy serve on the other."""
+        return self.canonical_sha256(include=_MODEL_CONTENT)
+
+
+_MODEL_CONTENT = {"architecture", "dtype", "parameter_count", "chat_template_sha256", "max_model_len", "files"}
+
 
 class AdapterManifest(_Record):
     schema_version: int = 1
@@ -136,6 +146,7 @@ class AdapterManifest(_Record):
     version: str
     base_model: str
     base_manifest_sha256: str
+    base_content_sha256: str | None = None  # the base's content_sha256(); absent in adapters published before it
     rank: int
     alpha: float | None = None
     target_modules: list[str] = Field(default_factory=list)

@@ -45,6 +45,7 @@ def test_export_writes_a_manifest_whose_lineage_names_data_hashes_and_serving_ac
     base = ModelStore(scratch_home.models_dir).get(MODEL)
     assert manifest.base_manifest_sha256 == base.canonical_sha256()
     assert manifest.lineage["base_model"]["manifest_sha256"] == base.canonical_sha256()
+    assert manifest.base_content_sha256 == manifest.lineage["base_model"]["content_sha256"] == base.content_sha256()
     assert manifest.lineage["seed"] == 7 and manifest.lineage["config"]["lora"] == {"r": 8}
     assert {"torch", "transformers", "peft"} <= set(manifest.lineage["library_versions"])
     assert manifest.metrics == {"val_loss": 1.25} and manifest.origin["job_id"] == "ftjob-test"

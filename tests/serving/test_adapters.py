@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from datetime import datetime, timezone
 
 import pytest
 
@@ -98,6 +99,22 @@ def test_adapter_for_another_base_model_is_refused(tmp_path, base, lora):
     assert any("not 'Other-Model'" in p for p in servability_problems(a.path, a.manifest, other, 16))
     tweaked = base.model_copy(update={"dtype": "bfloat16"})
     assert any("different copy" in p for p in servability_problems(a.path, a.manifest, tweaked, 16))
+    weights = [f.model_copy(update={"sha256": "0" * 64}) if f.path == "model.safetensors" else f for f in base.files]
+    retrained = base.model_copy(update={"files": weights})
+    assert any("different copy" in p for p in servability_problems(a.path, a.manifest, retrained, 16))
+
+
+def test_the_same_weights_imported_again_still_serve_the_adapter(tmp_path, base, lora):
+    """A re-import (or another host's import) of the same files has another manifest hash (its time and source),
+    not other weights."""
+    a = AdapterRegistry(tmp_path).publish(lora, "x", base)
+    reimported = base.model_copy(update={"imported_at": datetime.now(timezone.utc),
+                                         "origin": base.origin.model_copy(update={"source": "/elsewhere/m.gguf"})})
+    assert reimported.canonical_sha256() != base.canonical_sha256()
+    assert servability_problems(a.path, a.manifest, reimported, 16) == []
+    # An adapter published before manifests recorded the content hash keeps the old, stricter rule, and says so.
+    old = a.manifest.model_copy(update={"base_content_sha256": None})
+    assert any("publish it again" in p for p in servability_problems(a.path, old, reimported, 16))
 
 
 def test_folder_without_adapter_config_is_refused(tmp_path, base):

@@ -58,6 +58,15 @@ def test_hf_folder_import_hashes_the_same_weights(copy_store, store):
     assert copy_store.get("copy").origin.kind == "hf"
 
 
+def test_the_default_imported_twice_has_one_content_hash(tmp_path, store):
+    """The GGUF import writes the same bytes every time, so a second host's (or a re-)import matches by content."""
+    again = ModelStore(tmp_path / "models").import_default()
+    first = store.get(DEFAULT_MODEL)
+    assert again.canonical_sha256() != first.canonical_sha256()  # another import time and folder
+    assert again.content_sha256() == first.content_sha256()
+    assert {f.path: f.sha256 for f in again.files} == {f.path: f.sha256 for f in first.files}
+
+
 def test_tampered_weight_file_is_refused_naming_the_file(copy_store):
     weights = copy_store.path("copy") / "model.safetensors"
     with open(weights, "r+b") as f:
