@@ -82,6 +82,13 @@ class Exchange:
         self.first_byte_by = 0.0  # loop time by which a stream's first byte must come: one TTFT limit, not two
 
 
+def _discard(ex: Exchange, replica: Replica, resp: Response) -> None:
+    """An upstream answer that is not relayed (another attempt follows): its connection, count and time go back."""
+    resp.release()
+    replica.outstanding -= 1
+    ex.upstream_s += time.perf_counter()
+
+
 def _bearer(scope: dict) -> str | None:
     for name, value in scope["headers"]:
         if name == b"authorization":
@@ -284,21 +291,20 @@ class Proxy:
         except orjson.JSONDecodeError as exc:
             raise E.invalid_request(f"The request body is not valid JSON: {exc}"[:300]) from None
         ex.model = model = validate(body, ex.kind)
+        alias = None
         route = self.router.resolve(model)
         if route is None and not self.router.versions(model):
             await self.router.refresh_on_miss()
             route = self.router.resolve(model)
-        if route is None and (versions := self.router.versions(model)):
-            # A bare adapter name means its newest version this team may call: apps keep calling `support` while
-            # new versions are published (and an old one is back once a bad one is removed).
-            latest = next((v for v in versions if self._allows(entry.team, v)), versions[0])
-            ex.model = model = body["model"] = latest
-            route = self.router.resolve(model)
-        if route is None:
-            raise E.model_not_found(model)
-        ex.base, ex.adapter, candidates = route
-        if not self._allows(entry.team, model):
-            raise E.model_not_allowed(model, entry.team.name, self.owner(model))
+        if route is None and self.router.versions(model):
+            alias = model
+            candidates = self._route_alias(ex, body, alias)
+        else:
+            if route is None:
+                raise E.model_not_found(model)
+            ex.base, ex.adapter, candidates = route
+            if not self._allows(entry.team, model):
+                raise E.model_not_allowed(model, entry.team.name, self.owner(model))
         outcome: PolicyOutcome = apply_policy(entry.team, body, ex.kind)
         ex.decisions = outcome.decisions
         self._count_policy(entry.team.name, outcome.decisions)
@@ -334,6 +340,13 @@ class Proxy:
             watch = None if stream else ClientWatch(receive, lambda: ex.status == 0)
             try:
                 replica, resp = await self._open_upstream(ex, candidates, scope["path"], payload)
+                while resp.status == 404 and alias is not None and ex.model not in (
+                        left := self.router.versions(alias)) and left:
+                    # The version the bare name chose was unloaded since the last health poll (removed): the
+                    # replica's 404 took it out of the routes, so the next newest version answers instead.
+                    _discard(ex, replica, resp)
+                    candidates = self._route_alias(ex, body, alias)
+                    replica, resp = await self._open_upstream(ex, candidates, scope["path"], orjson.dumps(body))
                 try:
                     if resp.status != 200:
                         await self._relay_upstream_error(send, ex, resp, scope["path"])
@@ -362,6 +375,16 @@ class Proxy:
                     await self.quotas.settle(ex.reservation, used)
                 except QuotaUnavailable as exc:  # the answer is already out; the reservation stays charged
                     log.warning("quota settle failed", extra={"error": exc.message})
+
+    def _route_alias(self, ex: Exchange, body: dict, alias: str) -> list[Replica]:
+        """A bare adapter name means its newest version this team may call: apps keep calling `support` while new
+        versions are published (and an old one is back once a bad one is removed). Rewrites the body's model."""
+        versions = self.router.versions(alias)
+        ex.model = body["model"] = next((v for v in versions if self._allows(ex.entry.team, v)), versions[0])
+        ex.base, ex.adapter, candidates = self.router.resolve(ex.model)
+        if not self._allows(ex.entry.team, ex.model):
+            raise E.model_not_allowed(ex.model, ex.entry.team.name, self.owner(ex.model))
+        return candidates
 
     def _allows(self, team: Any, model: str) -> bool:
         owner = self.owner(model)
@@ -438,12 +461,17 @@ class Proxy:
                 raise
             ex.upstream_s -= t_up  # closed when the last upstream byte arrives
             ex.replica = replica.url
-            if resp.status in RETRY_STATUSES and attempt < self.config.retries:
+            if resp.status == 404 and ex.adapter is not None:
+                # The replica no longer serves the adapter (unloaded since the last poll): route nothing more to it
+                # for the adapter, and try a replica that may still have it.
+                self.router.forget(replica, ex.adapter)
+                retry = self.router.pick(candidates, [*tried, replica]) is not None
+            else:
+                retry = resp.status in RETRY_STATUSES
+            if retry and attempt < self.config.retries:
                 self.metrics.upstream_errors.labels(replica.url, f"http_{resp.status}").inc()
                 last_error = f"HTTP {resp.status}"
-                resp.release()
-                replica.outstanding -= 1
-                ex.upstream_s += time.perf_counter()
+                _discard(ex, replica, resp)
                 tried.append(replica)
                 continue
             return replica, resp

@@ -111,6 +111,11 @@ class Router:
         replica.healthy = False
         replica.last_error = error
 
+    def forget(self, replica: Replica, model_id: str) -> None:
+        """The replica answered that it does not serve `model_id`: believe it until its next poll says otherwise."""
+        if replica.served.pop(model_id, None) is not None:
+            self._rebuild_adapters()
+
     # discovery -------------------------------------------------------------------------------------------------
     def model_cards(self) -> list[dict[str, Any]]:
         """One /v1/models card per base model and per discovered adapter."""

@@ -98,6 +98,9 @@ class FakeUpstream:
         if "__hold__" in text and not req.get("stream") and await self._hung_up(receive):  # a long generation
             return
         model = req.get("model", self.model)
+        if model not in (self.model, *self.adapters):  # vLLM's answer for a model (an adapter) it does not serve
+            return await self._json(send, 404, {"error": {"message": f"The model `{model}` does not exist.",
+                                                          "type": "NotFoundError", "param": "model", "code": 404}})
         if path == "/v1/embeddings":
             if not self.embeddings:  # what vLLM's server answers when its model is not an embeddings model
                 return await self._json(send, 404, {"detail": "Not Found"})

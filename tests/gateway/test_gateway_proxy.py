@@ -96,6 +96,33 @@ def test_a_bare_adapter_name_calls_its_newest_version_the_team_may_use(start_gat
         assert rows[0]["adapter"] == "support@v10" and rows[-1]["adapter"] == "support@v9"
 
 
+def test_a_removed_version_is_never_a_404_for_its_bare_name_even_before_the_next_poll(start_gateway):
+    """vLLM unloads a removed adapter within a second; the gateway polls every few seconds. The replica's 404 takes
+    the version out of the routes at once: the bare name moves to the version before, and a replica that still
+    serves the version (not yet unloaded there) answers for it."""
+    fresh, stale = (FakeUpstream(adapters=["support@v1", "support@v2"]) for _ in range(2))
+    with ThreadServer(fresh) as a, ThreadServer(stale) as b:
+        gw = start_gateway({"fake-model": [a.url, b.url]}, health_check_interval_s=600)
+        client = gw.client(gw.key("sup", allowed_models=["support@*"]))
+        fresh.adapters.remove("support@v2")  # unloaded on one replica, not yet on the other
+        for _ in range(60):  # either replica may be picked (a tie): until the one that unloaded it is asked
+            assert client.chat.completions.create(model="support@v2", messages=USER).model == "support@v2"
+            if fresh.hits:
+                break
+        assert fresh.hits == 1 and stale.requests[-1]["model"] == "support@v2"
+        before = stale.hits
+        for _ in range(3):
+            assert client.chat.completions.create(model="support@v2", messages=USER).model == "support@v2"
+        assert fresh.hits == 1 and stale.hits == before + 3  # asked once for the version it had unloaded, no more
+        stale.adapters.remove("support@v2")
+        assert client.chat.completions.create(model="support", messages=USER).model == "support@v1"
+        assert client.chat.completions.create(model="support", messages=USER).model == "support@v1"
+        with pytest.raises(openai.NotFoundError) as err:
+            client.chat.completions.create(model="support@v2", messages=USER)
+        assert err.value.body["code"] == "model_not_found"
+        assert [m.model_extra["resolves_to"] for m in client.models.list().data if m.id == "support"] == ["support@v1"]
+
+
 def _audit(gw) -> list[dict]:
     import io
     import json
