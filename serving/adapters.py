@@ -142,7 +142,8 @@ class AdapterRegistry:
         peft = read_peft_config(source)
         manifest = AdapterManifest(
             name=name, version=version, base_model=base.name, base_manifest_sha256=base.canonical_sha256(),
-            base_content_sha256=base.content_sha256(), rank=peft["r"] if _positive_int(peft.get("r")) else 0, alpha=peft.get("lora_alpha"),
+            base_content_sha256=base.content_sha256(), rank=peft["r"] if _positive_int(peft.get("r")) else 0,
+            alpha=peft.get("lora_alpha"),
             target_modules=_as_list(peft.get("target_modules")), use_dora=bool(peft.get("use_dora")),
             modules_to_save=peft.get("modules_to_save") or None,
             origin=origin or {"kind": "path", "source": str(source.resolve())},
