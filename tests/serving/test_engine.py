@@ -63,10 +63,10 @@ def test_the_engine_process_dies_with_its_supervisor_even_when_that_is_sigkilled
     pid_file = tmp_path / "child.pid"
     parent = subprocess.Popen([sys.executable, "-c", f"""
 import asyncio, sys
-from serving.engine import _die_with_parent
+from sovereign.parent_death import die_with_parent
 async def main():
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", "import time; time.sleep(600)",
-                                                start_new_session=True, preexec_fn=_die_with_parent)
+                                                start_new_session=True, preexec_fn=die_with_parent)
     open({str(pid_file)!r}, "w").write(str(proc.pid))
     await proc.wait()
 asyncio.run(main())
