@@ -5,30 +5,65 @@ brings the only door back after a crash or the OOM killer (Kubernetes restarts t
 that dies within `FIRST_START_S` of its first start is not restarted: a bad config or a busy port will not heal, and
 `up` reports the exit instead of waiting on a restart loop.
 
-    python -m sovereign.keepalive -- python -m sovereign.cli gateway --config PATH
+With `--log FILE` the command's output goes to FILE, rotated at `LOG_MAX_BYTES` with `LOG_BACKUPS` older files kept
+(FILE.1 the newest): the gateway's access log is a line per request, ~300 bytes, so a busy single-machine platform
+would otherwise fill its disk (gigabytes a day at 100 requests/s). Kubernetes rotates pod logs itself.
+
+    python -m sovereign.keepalive --log FILE -- python -m sovereign.cli gateway --config PATH
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import signal
 import subprocess
 import sys
+import threading
 import time
+from logging.handlers import RotatingFileHandler
+from typing import IO
+
+from sovereign.parent_death import die_with_parent
 
 FIRST_START_S = 5.0
 BACKOFF_S, BACKOFF_MAX_S = 1.0, 30.0
 HEALTHY_S = 60.0  # a run this long resets the backoff
+LOG_MAX_BYTES = 64 << 20
+LOG_BACKUPS = 4
 
 
-def _say(msg: str, **extra) -> None:
-    print(json.dumps({"ts": round(time.time(), 3), "level": "warning", "logger": "sovereign.keepalive", "msg": msg,
-                      **extra}), file=sys.stderr, flush=True)
+def _line(text: str) -> logging.LogRecord:  # passed to handle(), which takes the lock the two writers share
+    return logging.makeLogRecord({"msg": text})
 
 
-def run(argv: list[str]) -> int:
+def _copy(pipe: IO[bytes], log: RotatingFileHandler) -> None:
+    """The child's output into the rotating log, whole lines at a time (a file never starts mid-line)."""
+    rest = b""
+    while chunk := pipe.read1(1 << 16):
+        rest += chunk
+        cut = rest.rfind(b"\n") + 1
+        if cut:
+            log.handle(_line(rest[:cut - 1].decode("utf-8", "replace")))
+            rest = rest[cut:]
+    if rest:
+        log.handle(_line(rest.decode("utf-8", "replace")))
+
+
+def run(argv: list[str], log_file: str | None = None, max_bytes: int = LOG_MAX_BYTES) -> int:
     stopping: list[int] = []
     child: subprocess.Popen | None = None
+    log = RotatingFileHandler(log_file, maxBytes=max_bytes, backupCount=LOG_BACKUPS) if log_file else None
+    copier: threading.Thread | None = None
+
+    def say(msg: str, **extra) -> None:
+        line = json.dumps({"ts": round(time.time(), 3), "level": "warning", "logger": "sovereign.keepalive",
+                           "msg": msg, **extra})
+        if log is not None:
+            log.handle(_line(line))
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def forward(sig: int, _frame) -> None:
         stopping.append(sig)
@@ -40,16 +75,22 @@ def run(argv: list[str]) -> int:
     backoff, first = BACKOFF_S, True
     while True:
         started = time.monotonic()
-        child = subprocess.Popen(argv)
+        piped = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT} if log is not None else {}
+        child = subprocess.Popen(argv, preexec_fn=die_with_parent, **piped)
+        if log is not None:
+            copier = threading.Thread(target=_copy, args=(child.stdout, log), daemon=True)
+            copier.start()
         if stopping:  # the signal came while it was being started: it never saw it
             child.send_signal(stopping[0])
         code = child.wait()
         ran = time.monotonic() - started
+        if copier is not None:  # its last lines; a grandchild still holding the pipe does not hold us up
+            copier.join(timeout=5)
         if stopping or (first and ran < FIRST_START_S):
             return code if code >= 0 else 128 - code
         first = False
         backoff = BACKOFF_S if ran >= HEALTHY_S else backoff
-        _say("process died; restarting", command=argv[-3:], exit_code=code, ran_s=round(ran, 1), backoff_s=backoff)
+        say("process died; restarting", command=argv[-3:], exit_code=code, ran_s=round(ran, 1), backoff_s=backoff)
         deadline = time.monotonic() + backoff
         while not stopping and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -59,12 +100,15 @@ def run(argv: list[str]) -> int:
 
 
 def main() -> None:
-    argv = sys.argv[1:]
-    if argv[:1] == ["--"]:
-        argv = argv[1:]
-    if not argv:
-        sys.exit("usage: python -m sovereign.keepalive -- COMMAND [ARGS...]")
-    sys.exit(run(argv))
+    parser = argparse.ArgumentParser(prog="python -m sovereign.keepalive")
+    parser.add_argument("--log", help="write the command's output here, rotated")
+    parser.add_argument("--log-max-bytes", type=int, default=LOG_MAX_BYTES)
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    args = parser.parse_args()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("no command to keep running")
+    sys.exit(run(command, args.log, args.log_max_bytes))
 
 
 if __name__ == "__main__":

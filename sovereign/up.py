@@ -58,8 +58,8 @@ class Platform:
         """Start `sovereign ARGS` detached; `keep_alive`: under sovereign.keepalive, restarted if it dies."""
         self.dir.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "sovereign.cli", *args]
-        if keep_alive:
-            command = [sys.executable, "-m", "sovereign.keepalive", "--", *command]
+        if keep_alive:  # the keeper writes the log, rotated
+            command = [sys.executable, "-m", "sovereign.keepalive", "--log", str(self.log_file(name)), "--", *command]
         with open(self.log_file(name), "ab") as log:
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL,

@@ -1,5 +1,6 @@
 """sovereign.keepalive: what `sovereign up` runs the gateway under."""
 
+import json
 import os
 import signal
 import subprocess
@@ -52,3 +53,31 @@ def test_a_command_that_fails_at_its_first_start_is_not_restarted(tmp_path):
     keeper = _keepalive(sys.executable, "-c", f"open({str(starts)!r}, 'a').write('1\\n'); raise SystemExit(2)")
     assert keeper.wait(20) == 2
     assert starts.read_text() == "1\n"
+
+
+def test_the_log_is_rotated_in_whole_lines_and_keeps_the_newest(tmp_path):
+    """`up` runs each part with --log: a busy gateway's access log must not grow without bound."""
+    log = tmp_path / "gateway.log"
+    lines = 3000
+    printer = ("import sys\nfor i in range(%d):\n    print(f'{{\"n\": {i}, \"pad\": \"{\"x\" * 80}\"}}')\n"
+               "sys.stdout.flush(); raise SystemExit(3)" % lines)
+    keeper = subprocess.Popen([sys.executable, "-m", "sovereign.keepalive", "--log", str(log), "--log-max-bytes",
+                               "20000", "--", sys.executable, "-c", printer], start_new_session=True)
+    assert keeper.wait(30) == 3  # died at its first start: passed on, not restarted
+    files = sorted(tmp_path.glob("gateway.log*"))
+    assert [f.name for f in files] == ["gateway.log", *(f"gateway.log.{i}" for i in range(1, 5))]
+    assert all(f.stat().st_size <= 20000 for f in files)
+    numbers = []
+    for f in reversed(files):  # oldest first
+        numbers += [json.loads(line)["n"] for line in f.read_text().splitlines()]  # every line whole
+    assert numbers == list(range(lines - len(numbers), lines)) and numbers[-1] == lines - 1
+
+
+def test_a_sigkilled_keeper_takes_its_command_with_it(tmp_path):
+    """Else the gateway served on unkept, where `sovereign down` no longer found it and the next `up` could not bind."""
+    starts = tmp_path / "starts"
+    keeper = _keepalive(sys.executable, "-c", SLEEPER, str(starts))
+    child = psutil.Process(_pids(starts, 1)[0])
+    keeper.kill()
+    keeper.wait(10)
+    child.wait(10)  # psutil.TimeoutExpired if it outlived its keeper
