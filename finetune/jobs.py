@@ -588,8 +588,9 @@ def create_local_job(config: FinetuneConfig, config_path: Path | None, home: Hom
         if path is None:
             continue
         if field != "prepared_dir" and not Path(path).is_file():
-            raise FinetuneError(f"data.{field}: {path}: no such file (a relative path is read from {Path.cwd()})",
-                                code="file_not_found")
+            raise FinetuneError(f"data.{field}: {path}: no such file (a relative path is read from {Path.cwd()}; "
+                                f"`sovereign finetune sample-data data/finetune` writes the sample conversations the "
+                                f"shipped configs train on)", code="file_not_found")
         resolved[field] = Path(path).resolve()  # the job may run, or be read, from elsewhere
     config = config.model_copy(update={"data": data.model_copy(update=resolved)})
     data = config.data
