@@ -194,7 +194,8 @@ def test_a_local_job_names_a_missing_data_file_before_it_exists_and_keeps_absolu
     home = HomeSettings(home=tmp_path / "home")
     monkeypatch.chdir(tmp_path)
     missing = FinetuneConfig.load(None, name="x", data={"train_file": "data/nope.jsonl"})
-    with pytest.raises(FinetuneError, match=f"data/nope.jsonl: no such file .*read from {tmp_path}; .*sample-data") as err:
+    refusal = f"data/nope.jsonl: no such file .*read from {tmp_path}; .*sample-data"
+    with pytest.raises(FinetuneError, match=refusal) as err:
         jobs.create_local_job(missing, None, home)
     assert err.value.code == "file_not_found" and not home.jobs_dir.exists()  # no failed job left to clean up
     (tmp_path / "data").mkdir()
