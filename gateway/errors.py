@@ -54,6 +54,12 @@ def model_not_allowed(model: str, team: str, owner: str | None = None) -> Gatewa
     return GatewayError(403, message, type="permission_error", code="model_not_allowed", param="model")
 
 
+def model_withdrawn(model: str) -> GatewayError:
+    message = (f"The model `{model}` is the adapter of a fine-tune job that did not succeed: it is withdrawn and no "
+               f"key may call it (an operator removes it with `sovereign adapters remove {model}`).")
+    return GatewayError(403, message, type="permission_error", code="model_not_allowed", param="model")
+
+
 def model_not_found(model: str) -> GatewayError:
     return GatewayError(404, f"The model `{model}` does not exist or is not served right now; GET /v1/models lists "
                              f"what your key may use.", code="model_not_found", param="model")

@@ -43,6 +43,9 @@ CANCEL_GRACE_S = 30.0
 STARTING_TIMEOUT_S = 600.0
 # The owner of an adapter that jobs of several teams name: no team's, so only an explicit grant reaches it.
 CONTESTED = " (several teams)"  # team names are stripped: none can equal this
+# The owner of an adapter whose job did not succeed but which is still published (a Kubernetes gateway cannot write
+# to the registry; a removal that failed): no team may call it, whatever it is granted.
+WITHDRAWN = " (its fine-tune job did not succeed)"
 
 
 @dataclass
@@ -277,8 +280,10 @@ class JobRunner:
         extra = record.model_extra or {}
         published = not extra.get("adapter_removed_at")
         names = {n for n in (record.fine_tuned_model, extra.get("adapter")) if isinstance(n, str) and n}
+        failed = record.status in TERMINAL and record.status != "succeeded"
         if record.owner and names:
-            self._named[record.id] = [(name, record.owner, published) for name in names]
+            team = WITHDRAWN if published and failed else record.owner
+            self._named[record.id] = [(name, team, published) for name in names]
 
     def _owners(self) -> dict[str, str]:
         """Each named adapter's team. A job that removed its adapter yields to one whose adapter is published under
@@ -291,6 +296,8 @@ class JobRunner:
         owners = {}
         for name, by_state in teams.items():
             claimants = by_state[True] or by_state[False]
+            if len(claimants) > 1:  # another job published the version: the registry refuses a version it holds, so
+                claimants.discard(WITHDRAWN)  # the withdrawn one was removed from it since
             owners[name] = next(iter(claimants)) if len(claimants) == 1 else CONTESTED
             if owners[name] == CONTESTED and self.owners.get(name) != CONTESTED:
                 log.warning("jobs of several teams name the same adapter; only an explicit grant reaches it",
@@ -350,7 +357,18 @@ class JobRunner:
         """
         extra = record.model_extra or {}
         served = extra.get("adapter")
-        if self.adapters_dir is None or not isinstance(served, str) or extra.get("adapter_removed_at"):
+        if not isinstance(served, str) or extra.get("adapter_removed_at"):
+            return
+        if self.adapters_dir is None:  # withdrawn (_note_adapters) until someone with the registry removes it
+            if not extra.get("adapter_withdrawn_at"):
+                with job_record_lock(self.store.job_dir(record.id)):
+                    current = self.store.read(record.id)
+                    if current is None or (current.model_extra or {}).get("adapter_withdrawn_at"):
+                        return
+                    self.store.write(current.model_copy(update={"adapter_withdrawn_at": int(time.time())}))
+                self.store.append_event(record.id, f"Adapter {served} is withdrawn: no key may call it, as the job did "
+                                        f"not succeed. This gateway cannot write to the adapter registry; remove it "
+                                        f"there with `sovereign adapters remove {served}`.", level="warn")
             return
         from serving.adapters import AdapterRegistry
         from serving.errors import AdapterNotFound, ServingError
@@ -369,7 +387,9 @@ class JobRunner:
             current = self.store.read(record.id)
             if current is None:
                 return
-            self.store.write(current.model_copy(update={"adapter_removed_at": int(time.time())}))
+            current = current.model_copy(update={"adapter_removed_at": int(time.time())})
+            self.store.write(current)
+        self._note_adapters(current)  # its version is free again: no longer withdrawn
         self.store.append_event(record.id, f"Removed adapter {served}: the job did not succeed")
         log.info("removed the adapter of a job that did not succeed", extra={"job_id": record.id, "model": served})
 

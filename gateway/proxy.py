@@ -31,6 +31,7 @@ from gateway.audit import AuditRecord, add_tool_call
 from gateway.client_watch import ClientWatch
 from gateway.config import GatewayConfig
 from gateway.directory import Directory, KeyEntry
+from gateway.job_runner import WITHDRAWN
 from gateway.metrics import GatewayMetrics
 from gateway.policy import PolicyOutcome, apply_policy
 from gateway.quotas import QuotaExceeded, QuotaUnavailable
@@ -304,7 +305,7 @@ class Proxy:
                 raise E.model_not_found(model)
             ex.base, ex.adapter, candidates = route
             if not self._allows(entry.team, model):
-                raise E.model_not_allowed(model, entry.team.name, self.owner(model))
+                raise self._refused(model, entry.team.name)
         outcome: PolicyOutcome = apply_policy(entry.team, body, ex.kind)
         ex.decisions = outcome.decisions
         self._count_policy(entry.team.name, outcome.decisions)
@@ -383,14 +384,18 @@ class Proxy:
         ex.model = body["model"] = next((v for v in versions if self._allows(ex.entry.team, v)), versions[0])
         ex.base, ex.adapter, candidates = self.router.resolve(ex.model)
         if not self._allows(ex.entry.team, ex.model):
-            raise E.model_not_allowed(ex.model, ex.entry.team.name, self.owner(ex.model))
+            raise self._refused(ex.model, ex.entry.team.name)
         return candidates
+
+    def _refused(self, model: str, team: str) -> E.GatewayError:
+        owner = self.owner(model)
+        return E.model_withdrawn(model) if owner == WITHDRAWN else E.model_not_allowed(model, team, owner)
 
     def _allows(self, team: Any, model: str) -> bool:
         owner = self.owner(model)
         if owner is None:
             return team.allows(model)
-        return owner == team.name or team.names(model)
+        return owner != WITHDRAWN and (owner == team.name or team.names(model))
 
     async def _read_body(self, scope: dict, receive) -> bytes:
         limit = self.config.max_body_bytes

@@ -123,6 +123,24 @@ def test_a_removed_version_is_never_a_404_for_its_bare_name_even_before_the_next
         assert [m.model_extra["resolves_to"] for m in client.models.list().data if m.id == "support"] == ["support@v1"]
 
 
+def test_a_withdrawn_adapter_is_refused_to_every_team_and_listed_to_none(start_gateway):
+    """The adapter of a fine-tune job that did not succeed, still published (a Kubernetes gateway cannot remove it)."""
+    from gateway.job_runner import WITHDRAWN
+
+    fake = FakeUpstream(adapters=["s@v1", "s@v2"])
+    with ThreadServer(fake) as up:
+        gw = start_gateway({"fake-model": [up.url]})
+        gw.app.proxy.owner = lambda model: {"s@v2": WITHDRAWN, "s@v1": "owners"}.get(model)
+        granted = gw.client(gw.key("owners", allowed_models=["fake-model", "s@*"]))
+        with pytest.raises(openai.PermissionDeniedError) as err:
+            granted.chat.completions.create(model="s@v2", messages=USER)
+        assert err.value.body["code"] == "model_not_allowed" and "withdrawn" in err.value.body["message"]
+        assert "sovereign adapters remove s@v2" in err.value.body["message"]
+        assert granted.chat.completions.create(model="s", messages=USER).model == "s@v1"  # the bare name passes it
+        assert {m.id for m in granted.models.list().data} == {"fake-model", "s@v1", "s"}
+        assert fake.hits == 1
+
+
 def _audit(gw) -> list[dict]:
     import io
     import json

@@ -21,7 +21,7 @@ from finetune import jobs as worker_jobs
 from finetune.errors import FinetuneError
 from finetune.export import ExportRefused
 from gateway.finetune_config import FineTuningConfig
-from gateway.job_runner import CLAIM, CONTESTED, JobRunner, LocalLauncher, WorkerState
+from gateway.job_runner import CLAIM, CONTESTED, WITHDRAWN, JobRunner, LocalLauncher, WorkerState
 from gateway.job_store import JobStore, new_job_id
 from serving.adapters import RegisteredAdapter
 from sovereign.formats import ADAPTER_MANIFEST, AdapterManifest, JobRecord, job_record_lock
@@ -73,15 +73,33 @@ def stub_runner(tmp_path: Path, slots: int = 1, **kw) -> tuple[JobRunner, JobSto
 
 # ----------------------------------------------------------------------------------------- owners (fix 1)
 @pytest.mark.parametrize("status", ["cancelled", "failed", "running"])
-def test_an_adapter_a_job_names_is_its_teams_whatever_the_jobs_status(tmp_path, status):
+def test_an_adapter_a_job_names_is_its_teams_while_it_runs_and_nobodys_once_it_did_not_succeed(tmp_path, status):
     runner, store, _ = stub_runner(tmp_path)
     # A cancel that landed after the worker published (during the gate), or the name the worker wrote before
-    # publishing while the job still runs: either way a replica may serve the adapter.
+    # publishing while the job still runs: either way a replica may serve the adapter, and no other team may call it.
     named = add_job(store, status=status, fine_tuned_model="secret@v1")
     running = add_job(store, owner="b", status="running", adapter="other@v1")
     runner.scan()
-    assert runner.owners["secret@v1"] == "a" and runner.owners["other@v1"] == "b"
+    assert runner.owners["secret@v1"] == ("a" if status == "running" else WITHDRAWN)
+    assert runner.owners["other@v1"] == "b"
     assert store.read(named.id).status == status
+
+
+def test_a_gateway_without_the_registry_withdraws_a_failed_jobs_adapter_and_says_so_once(tmp_path):
+    """Kubernetes: the gateway has no write access to the registry, so the adapter stays there (and on the replicas);
+    nobody may call it through the gateway, and the job's events say who can remove it."""
+    runner, store, _ = stub_runner(tmp_path)  # adapters_dir None, as fine_tuning.py makes it for runner: kubernetes
+    failed = add_job(store, owner="a", status="failed", adapter="s@v3")
+    runner.scan()
+    assert runner.owners["s@v3"] == WITHDRAWN
+    again, _, _ = stub_runner(tmp_path)  # a restarted gateway, or another replica
+    again.scan()
+    notes = [e["message"] for e in store.events(failed.id) if "withdrawn" in e["message"]]
+    assert len(notes) == 1 and "sovereign adapters remove s@v3" in notes[0]
+    # Removed by an operator, the version is published anew by a job that succeeded: that job's team owns it.
+    add_job(store, owner="b", status="succeeded", fine_tuned_model="s@v3", adapter="s@v3")
+    again.scan()
+    assert again.owners["s@v3"] == "b"
 
 
 def test_a_removed_adapters_name_yields_to_a_published_one_and_rival_teams_get_no_owner(tmp_path):
