@@ -360,12 +360,7 @@ class JobRunner:
         if not isinstance(served, str) or extra.get("adapter_removed_at"):
             return
         if self.adapters_dir is None:  # withdrawn (_note_adapters) until someone with the registry removes it
-            if not extra.get("adapter_withdrawn_at"):
-                with job_record_lock(self.store.job_dir(record.id)):
-                    current = self.store.read(record.id)
-                    if current is None or (current.model_extra or {}).get("adapter_withdrawn_at"):
-                        return
-                    self.store.write(current.model_copy(update={"adapter_withdrawn_at": int(time.time())}))
+            if not extra.get("adapter_withdrawn_at") and self._stamp(record.id, "adapter_withdrawn_at"):
                 self.store.append_event(record.id, f"Adapter {served} is withdrawn: no key may call it, as the job did "
                                         f"not succeed. This gateway cannot write to the adapter registry; remove it "
                                         f"there with `sovereign adapters remove {served}`.", level="warn")
@@ -380,18 +375,25 @@ class JobRunner:
             AdapterRegistry(self.adapters_dir).remove(name, version)
         except AdapterNotFound:
             pass
-        except ServingError as exc:  # it stays its team's (the record names it); say so where the team looks
+        except ServingError as exc:  # it stays withdrawn (_note_adapters); say so where the team looks
             self.store.append_event(record.id, f"Could not remove adapter {served}: {exc}", level="error")
             return
-        with job_record_lock(self.store.job_dir(record.id)):
-            current = self.store.read(record.id)
-            if current is None:
-                return
-            current = current.model_copy(update={"adapter_removed_at": int(time.time())})
-            self.store.write(current)
+        current = self._stamp(record.id, "adapter_removed_at")
+        if current is None:
+            return
         self._note_adapters(current)  # its version is free again: no longer withdrawn
         self.store.append_event(record.id, f"Removed adapter {served}: the job did not succeed")
         log.info("removed the adapter of a job that did not succeed", extra={"job_id": record.id, "model": served})
+
+    def _stamp(self, job_id: str, field: str) -> JobRecord | None:
+        """Set `field` of the job's record to now, under the record's lock; None if it is gone or has one already."""
+        with job_record_lock(self.store.job_dir(job_id)):
+            current = self.store.read(job_id)
+            if current is None or (current.model_extra or {}).get(field):
+                return None
+            current = current.model_copy(update={field: int(time.time())})
+            self.store.write(current)
+            return current
 
     def _fail(self, job_id: str, code: str, message: str) -> None:
         error = {"code": code, "message": message, "param": None}
