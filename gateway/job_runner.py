@@ -360,7 +360,7 @@ class JobRunner:
         if not isinstance(served, str) or extra.get("adapter_removed_at"):
             return
         if self.adapters_dir is None:  # withdrawn (_note_adapters) until someone with the registry removes it
-            if not extra.get("adapter_withdrawn_at") and self._stamp(record.id, "adapter_withdrawn_at"):
+            if self._stamp(record.id, "adapter_withdrawn_at"):  # once, across gateway restarts and replicas
                 self.store.append_event(record.id, f"Adapter {served} is withdrawn: no key may call it, as the job did "
                                         f"not succeed. This gateway cannot write to the adapter registry; remove it "
                                         f"there with `sovereign adapters remove {served}`.", level="warn")
