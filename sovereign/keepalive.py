@@ -38,7 +38,7 @@ def _line(text: str) -> logging.LogRecord:  # passed to handle(), which takes th
     return logging.makeLogRecord({"msg": text})
 
 
-def _copy(pipe: IO[bytes], log: RotatingFileHandler) -> None:
+def _copy(pipe: IO[bytes], log: logging.Handler) -> None:
     """The child's output into the rotating log, whole lines at a time (a file never starts mid-line)."""
     rest = b""
     while chunk := pipe.read1(1 << 16):
@@ -54,16 +54,14 @@ def _copy(pipe: IO[bytes], log: RotatingFileHandler) -> None:
 def run(argv: list[str], log_file: str | None = None, max_bytes: int = LOG_MAX_BYTES) -> int:
     stopping: list[int] = []
     child: subprocess.Popen | None = None
-    log = RotatingFileHandler(log_file, maxBytes=max_bytes, backupCount=LOG_BACKUPS) if log_file else None
+    # Where the keeper's own lines go, and with --log the command's too.
+    log = (RotatingFileHandler(log_file, maxBytes=max_bytes, backupCount=LOG_BACKUPS) if log_file
+           else logging.StreamHandler(sys.stderr))
     copier: threading.Thread | None = None
 
     def say(msg: str, **extra) -> None:
-        line = json.dumps({"ts": round(time.time(), 3), "level": "warning", "logger": "sovereign.keepalive",
-                           "msg": msg, **extra})
-        if log is not None:
-            log.handle(_line(line))
-        else:
-            print(line, file=sys.stderr, flush=True)
+        log.handle(_line(json.dumps({"ts": round(time.time(), 3), "level": "warning", "logger": "sovereign.keepalive",
+                                     "msg": msg, **extra})))
 
     def forward(sig: int, _frame) -> None:
         stopping.append(sig)
@@ -75,9 +73,9 @@ def run(argv: list[str], log_file: str | None = None, max_bytes: int = LOG_MAX_B
     backoff, first = BACKOFF_S, True
     while True:
         started = time.monotonic()
-        piped = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT} if log is not None else {}
+        piped = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT} if log_file else {}
         child = subprocess.Popen(argv, preexec_fn=die_with_parent, **piped)
-        if log is not None:
+        if log_file:
             copier = threading.Thread(target=_copy, args=(child.stdout, log), daemon=True)
             copier.start()
         if stopping:  # the signal came while it was being started: it never saw it
