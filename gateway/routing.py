@@ -19,6 +19,7 @@ import aiohttp
 import orjson
 
 from gateway.background import cancel_and_wait
+from sovereign.formats import version_order
 
 log = logging.getLogger("sovereign.gateway.routing")
 PROBE_FAILURES_TO_MARK = 2
@@ -143,7 +144,7 @@ class Router:
             if at and name not in self.pools and name not in adapters:
                 versions.setdefault(name, []).append(model_id)
         for ids in versions.values():
-            ids.sort(key=_version_key, reverse=True)
+            ids.sort(key=lambda model_id: version_order(model_id.rpartition("@")[2]), reverse=True)
         self._versions = versions
 
     async def _probe(self, replica: Replica) -> None:
@@ -221,13 +222,6 @@ class Router:
 
     def healthy_count(self) -> int:
         return sum(r.healthy for r in self.replicas.values())
-
-
-def _version_key(model_id: str) -> tuple[int, str]:
-    """v12 after v9 (and 12 after 9: the registry's vN, or bare numbers); other version names after those, by name."""
-    version = model_id.rpartition("@")[2]
-    digits = version[1:] if version[:1] == "v" else version
-    return (1, f"{int(digits):020d}") if digits.isdigit() and digits.isascii() else (0, version)
 
 
 def _card(model_id: str, upstream: dict[str, Any] | None, parent: str | None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.errors import AdapterNotFound, AdapterRefused, ServingError
-from sovereign.formats import ADAPTER_MANIFEST, AdapterManifest, ModelManifest, digest_files
+from sovereign.formats import ADAPTER_MANIFEST, AdapterManifest, ModelManifest, digest_files, version_order
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always fullmatch: `$` would let a trailing "\n" in
 _REMOVING = ".removing-"
@@ -120,7 +120,7 @@ class AdapterRegistry:
         matches = [a for a in self.list() if a.manifest.name == name and version in (None, a.manifest.version)]
         if not matches:
             raise AdapterNotFound(f"no adapter {name}{'@' + version if version else ''} in {self.root}")
-        return max(matches, key=lambda a: _version_key(a.manifest.version))
+        return max(matches, key=lambda a: version_order(a.manifest.version))
 
     def next_version(self, name: str) -> str:
         versions = [a.manifest.version for a in self.list() if a.manifest.name == name]
@@ -221,7 +221,3 @@ def _as_list(v: Any) -> list[str]:
     if v is None:
         return []
     return [v] if isinstance(v, str) else sorted(v)
-
-
-def _version_key(v: str) -> tuple[int, str]:
-    return (int(v[1:]), v) if re.fullmatch(r"v\d+", v) else (-1, v)

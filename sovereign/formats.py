@@ -33,6 +33,14 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def version_order(version: str) -> tuple[int, str]:
+    """Sort key for adapter versions, oldest first: v12 after v9 (and 12 after 9: the registry's vN, or bare numbers),
+    other names before those, by name. The registry's newest version and the gateway's bare-name route both use it,
+    so `adapters list` and a call to the bare name agree on which version that is."""
+    digits = version[1:] if version[:1] == "v" else version
+    return (1, f"{int(digits):020d}") if digits.isdigit() and digits.isascii() else (0, version)
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

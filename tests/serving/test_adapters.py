@@ -34,6 +34,17 @@ def test_publish_writes_manifest_with_base_hash_rank_and_file_digests(tmp_path, 
     assert reg.get("support").served_name == "support@v2"
 
 
+def test_the_newest_version_is_the_one_a_bare_name_calls_at_the_gateway(tmp_path, base, lora):
+    """Named versions too: the registry and the gateway's bare-name route order them with one rule."""
+    from sovereign.formats import version_order
+
+    reg = AdapterRegistry(tmp_path)
+    for version in ("v9", "rc1", "12", "v10"):
+        reg.publish(lora, "support", base, version=version)
+    assert reg.get("support").served_name == "support@12"
+    assert sorted(["v9", "rc1", "12", "v10", "2"], key=version_order) == ["rc1", "2", "v9", "v10", "12"]
+
+
 def test_remove_one_version_or_all(tmp_path, base, lora):
     reg = AdapterRegistry(tmp_path)
     reg.publish(lora, "sales", base)
