@@ -9,11 +9,15 @@ import re
 import signal
 import socket
 import sys
+import threading
+from collections import deque
+from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
 import httpx
 
 from serving.profile import ServingProfile
+from sovereign.logs import copy_lines, rotating_log
 from sovereign.offline import offline_env
 from sovereign.parent_death import die_with_parent
 
@@ -22,7 +26,8 @@ VLLM_ENTRYPOINT = "vllm.entrypoints.openai.api_server"  # the `vllm` console scr
 # A line that ends a Python traceback (`OSError: [Errno 98] Address already in use`) or argparse's refusal
 # (`api_server.py: error: unrecognized arguments: --x`), after vLLM's `(EngineCore pid=1) ` prefix if any.
 _FAILURE_LINE = re.compile(r"^(?:\([\w ]+pid=\d+\) )?((?:[A-Za-z_][\w.]*(?:Error|Exception|Exit)|\S+: error): .+)$")
-_LOG_TAIL_BYTES = 256 * 1024
+_TAIL_LINES = 4000  # of this start's output, for failure_reason: a failed start's traceback is far shorter
+_logs: dict[Path, RotatingFileHandler] = {}  # one handler a file: the starts of one supervisor share its rotation
 
 
 class EngineProcess:
@@ -32,7 +37,8 @@ class EngineProcess:
         self.served_name = served_name
         self.log_path = log_path
         self.proc: asyncio.subprocess.Process | None = None
-        self._log_offset = 0  # where this start's output begins in the (appended) log
+        self._tail: deque[str] = deque(maxlen=_TAIL_LINES)
+        self._copier: threading.Thread | None = None
         self.base_url = f"http://{_client_host(profile.host)}:{profile.port}"
 
     def command(self) -> list[str]:
@@ -47,26 +53,29 @@ class EngineProcess:
                            **self.profile.vllm_env())
 
     async def start(self) -> None:
+        """Start vLLM with its output piped through us into the log, rotated: it logs throughput every 10 s while
+        busy and every warning, for as long as the replica runs, and on one machine nothing else rotates it."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self._log_offset = log.tell()
+        log = _logs.get(self.log_path) or _logs.setdefault(self.log_path, rotating_log(str(self.log_path)))
+        read_fd, write_fd = os.pipe()
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                *self.command(), env=self.environment(), stdout=log, stderr=asyncio.subprocess.STDOUT,
+                *self.command(), env=self.environment(), stdout=write_fd, stderr=asyncio.subprocess.STDOUT,
                 stdin=asyncio.subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
+        except BaseException:
+            os.close(read_fd)
+            raise
         finally:
-            log.close()
+            os.close(write_fd)  # vLLM's processes hold the only write ends: the copy ends when the last one exits
+        # A thread, not the event loop: vLLM blocks on a full pipe, so its output must drain even while we are busy.
+        self._copier = threading.Thread(target=_copy_output, args=(read_fd, log, self._tail.append),
+                                        name="vllm-log", daemon=True)
+        self._copier.start()
 
     def failure_reason(self) -> str | None:
         """Why this start failed, from its own output: the first error line (the root cause: vLLM's later ones say
         "see root cause above") and, if different, the last."""
-        try:
-            with open(self.log_path, "rb") as fh:
-                fh.seek(max(self._log_offset, fh.seek(0, os.SEEK_END) - _LOG_TAIL_BYTES))
-                lines = fh.read().decode("utf-8", "replace").splitlines()
-        except OSError:
-            return None
-        found = [m.group(1).strip() for line in lines if (m := _FAILURE_LINE.match(line.rstrip()))]
+        found = [m.group(1).strip() for line in list(self._tail) if (m := _FAILURE_LINE.match(line.rstrip()))]
         if not found:
             return None
         first, last = found[0][:400], found[-1][:400]
@@ -116,6 +125,12 @@ class EngineProcess:
                 pass
         _signal_group(self.proc.pid, signal.SIGKILL)
         await self.proc.wait()
+        await self.drained()
+
+    async def drained(self, timeout: float = 5) -> None:
+        """Wait until the output of the exited process group is all in the log (and in failure_reason's view)."""
+        if self._copier is not None:
+            await asyncio.to_thread(self._copier.join, timeout)
 
 
 def port_taken(host: str, port: int) -> bool:
@@ -129,6 +144,11 @@ def port_taken(host: str, port: int) -> bool:
         except OSError as exc:
             return exc.errno == errno.EADDRINUSE
     return False
+
+
+def _copy_output(read_fd: int, log: RotatingFileHandler, seen) -> None:
+    with os.fdopen(read_fd, "rb") as pipe:
+        copy_lines(pipe, log, seen)
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

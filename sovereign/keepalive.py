@@ -5,8 +5,8 @@ brings the only door back after a crash or the OOM killer (Kubernetes restarts t
 that dies within `FIRST_START_S` of its first start is not restarted: a bad config or a busy port will not heal, and
 `up` reports the exit instead of waiting on a restart loop.
 
-With `--log FILE` the command's output goes to FILE, rotated at `LOG_MAX_BYTES` with `LOG_BACKUPS` older files kept
-(FILE.1 the newest): the gateway's access log is a line per request, ~300 bytes, so a busy single-machine platform
+With `--log FILE` the command's output goes to FILE, rotated (`sovereign.logs.rotating_log`: 64 MB, 4 older files kept,
+FILE.1 the newest): the gateway's access log is a line per request, ~300 bytes, so a busy single-machine platform
 would otherwise fill its disk (gigabytes a day at 100 requests/s). Kubernetes rotates pod logs itself.
 
     python -m sovereign.keepalive --log FILE -- python -m sovereign.cli gateway --config PATH
@@ -22,46 +22,25 @@ import subprocess
 import sys
 import threading
 import time
-from logging.handlers import RotatingFileHandler
-from typing import IO
 
+from sovereign.logs import LOG_MAX_BYTES, copy_lines, log_line, rotating_log
 from sovereign.parent_death import die_with_parent
 
 FIRST_START_S = 5.0
 BACKOFF_S, BACKOFF_MAX_S = 1.0, 30.0
 HEALTHY_S = 60.0  # a run this long resets the backoff
-LOG_MAX_BYTES = 64 << 20
-LOG_BACKUPS = 4
-
-
-def _line(text: str) -> logging.LogRecord:  # passed to handle(), which takes the lock the two writers share
-    return logging.makeLogRecord({"msg": text})
-
-
-def _copy(pipe: IO[bytes], log: logging.Handler) -> None:
-    """The child's output into the rotating log, whole lines at a time (a file never starts mid-line)."""
-    rest = b""
-    while chunk := pipe.read1(1 << 16):
-        rest += chunk
-        cut = rest.rfind(b"\n") + 1
-        if cut:
-            log.handle(_line(rest[:cut - 1].decode("utf-8", "replace")))
-            rest = rest[cut:]
-    if rest:
-        log.handle(_line(rest.decode("utf-8", "replace")))
 
 
 def run(argv: list[str], log_file: str | None = None, max_bytes: int = LOG_MAX_BYTES) -> int:
     stopping: list[int] = []
     child: subprocess.Popen | None = None
     # Where the keeper's own lines go, and with --log the command's too.
-    log = (RotatingFileHandler(log_file, maxBytes=max_bytes, backupCount=LOG_BACKUPS) if log_file
-           else logging.StreamHandler(sys.stderr))
+    log = rotating_log(log_file, max_bytes) if log_file else logging.StreamHandler(sys.stderr)
     copier: threading.Thread | None = None
 
     def say(msg: str, **extra) -> None:
-        log.handle(_line(json.dumps({"ts": round(time.time(), 3), "level": "warning", "logger": "sovereign.keepalive",
-                                     "msg": msg, **extra})))
+        log.handle(log_line(json.dumps({"ts": round(time.time(), 3), "level": "warning",
+                                        "logger": "sovereign.keepalive", "msg": msg, **extra})))
 
     def forward(sig: int, _frame) -> None:
         stopping.append(sig)
@@ -76,7 +55,7 @@ def run(argv: list[str], log_file: str | None = None, max_bytes: int = LOG_MAX_B
         piped = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT} if log_file else {}
         child = subprocess.Popen(argv, preexec_fn=die_with_parent, **piped)
         if log_file:
-            copier = threading.Thread(target=_copy, args=(child.stdout, log), daemon=True)
+            copier = threading.Thread(target=copy_lines, args=(child.stdout, log), daemon=True)
             copier.start()
         if stopping:  # the signal came while it was being started: it never saw it
             child.send_signal(stopping[0])

@@ -1,6 +1,7 @@
 """EngineProcess.failure_reason: why a vLLM start failed, from that start's own output (real vLLM lines)."""
 
 import asyncio
+import sys
 from pathlib import Path
 
 from serving.engine import EngineProcess
@@ -18,37 +19,53 @@ api_server.py: error: unrecognized arguments: --bogus-flag
 """
 
 
-def _engine(tmp_path: Path, before: str) -> EngineProcess:
+def _engine(tmp_path: Path, before: str, output: str, times: int = 1) -> EngineProcess:
+    """A start whose process prints `output` `times` times, into a log that already holds an earlier start's
+    `before`."""
     log = tmp_path / "vllm.log"
     log.write_text(before)
     engine = EngineProcess(ServingProfile.named("cpu"), tmp_path, "m", log)
-    engine.command = lambda: ["/bin/true"]  # type: ignore[method-assign]  # only the log offset matters here
+    printer = f"import sys\nfor line in ({output!r} * {times}).splitlines(True):\n    sys.stdout.write(line)"
+    engine.command = lambda: [sys.executable, "-c", printer]  # type: ignore[method-assign]
 
     async def run() -> None:
         await engine.start()
         await engine.proc.wait()
+        await engine.drained()
 
     asyncio.run(run())
     return engine
 
 
 def test_the_root_cause_is_named_first_and_an_earlier_starts_error_is_not_this_ones(tmp_path):
-    engine = _engine(tmp_path, EARLIER)
-    with open(engine.log_path, "a") as fh:
-        fh.write(ROOT_CAUSE)
+    engine = _engine(tmp_path, EARLIER, ROOT_CAUSE)
     reason = engine.failure_reason()
     assert reason.startswith("ValueError: The model's max seq len (8192) is larger")
     assert reason.endswith("(then: RuntimeError: Engine core initialization failed. See root cause above. "
                            "Failed core proc(s): {})")
     assert "Address already in use" not in reason
+    assert engine.log_path.read_text() == EARLIER + ROOT_CAUSE  # appended to the log, whole
 
 
 def test_argparse_refusals_and_clean_logs(tmp_path):
-    engine = _engine(tmp_path, EARLIER)
-    assert engine.failure_reason() is None  # this start wrote nothing that says why
-    with open(engine.log_path, "a") as fh:
-        fh.write(ARGPARSE)
+    assert _engine(tmp_path, EARLIER, "INFO all good\n").failure_reason() is None  # this start said nothing of why
+    engine = _engine(tmp_path, EARLIER, ARGPARSE)
     assert engine.failure_reason() == "api_server.py: error: unrecognized arguments: --bogus-flag"
+
+
+def test_vllms_log_is_rotated_in_whole_lines(tmp_path, monkeypatch):
+    """vLLM logs while it serves, for as long as it serves: its log is rotated like the gateway's."""
+    from serving import engine as engine_module
+    from sovereign.logs import LOG_BACKUPS, rotating_log
+
+    monkeypatch.setattr(engine_module, "rotating_log", lambda path: rotating_log(path, max_bytes=20_000))
+    line = "(APIServer pid=1) INFO Avg prompt throughput: 0.0 tokens/s, Avg generation throughput: 9.9 tokens/s\n"
+    engine = _engine(tmp_path, "", line, 2000)  # ~200 KB, in 8 KB writes
+    files = sorted(tmp_path.glob("vllm.log*"))
+    assert [f.name for f in files] == ["vllm.log", *(f"vllm.log.{i}" for i in range(1, LOG_BACKUPS + 1))]
+    assert all(f.stat().st_size <= 20_000 for f in files)
+    assert all(text.count("\n") and text == line * text.count("\n") for text in (f.read_text() for f in files))
+    assert engine.failure_reason() is None
 
 
 def test_the_engine_process_dies_with_its_supervisor_even_when_that_is_sigkilled(tmp_path):
