@@ -152,13 +152,26 @@ def serve(config: GatewayConfig) -> None:
     """Run the gateway with uvicorn on uvloop + httptools until SIGINT/SIGTERM."""
     import uvicorn
 
-    from gateway.http_protocol import CoalescingHttpToolsProtocol
-
     app = GatewayApp(config)
     # proxy_headers off: nothing here reads the client's address, and uvicorn's X-Forwarded-* middleware cost 2-3 %
     # of the gateway's CPU per request (py-spy, 32 connections, streaming).
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, loop="uvloop",
-                                           http=CoalescingHttpToolsProtocol,
+                                           http=_http_protocol(),
                                            lifespan="on", access_log=False, log_config=None, proxy_headers=False,
                                            timeout_keep_alive=75, backlog=4096))
     server.run()
+
+
+def _http_protocol() -> Any:
+    """The coalescing protocol subclasses uvicorn internals (tested against uvicorn 0.55): where another release
+    moved them, the gateway still serves, with uvicorn's own protocol and one more write per answer."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        from gateway.http_protocol import CoalescingHttpToolsProtocol
+        if callable(getattr(HttpToolsProtocol, "_start_asgi_task", None)):
+            return CoalescingHttpToolsProtocol
+    except ImportError:
+        pass
+    log.warning("this uvicorn release lacks the internals the coalescing protocol uses; serving with its own")
+    return "httptools"

@@ -97,3 +97,14 @@ def test_connection_close_answers_are_written_before_the_close():
 
     t = asyncio.run(_exchange(app, b"GET / HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"))
     assert len(t.writes) == 1 and t.writes[0].endswith(b"ok") and t.closed
+
+
+def test_a_uvicorn_without_the_internals_it_subclasses_still_serves_with_its_own_protocol(monkeypatch, caplog):
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from gateway.app import _http_protocol
+
+    assert _http_protocol() is CoalescingHttpToolsProtocol  # the uvicorn this project installs
+    monkeypatch.delattr(HttpToolsProtocol, "_start_asgi_task")
+    assert _http_protocol() == "httptools"
+    assert "coalescing protocol" in caplog.text
