@@ -6,7 +6,9 @@ status, so the `openai` SDK raises the matching exception class (BadRequestError
 
 from __future__ import annotations
 
+import ast
 import math
+import re
 
 import orjson
 
@@ -120,6 +122,8 @@ def from_upstream(status: int, data: bytes, model: str, path: str) -> GatewayErr
     if not isinstance(message, str) or not message:
         message = detail if isinstance(detail, str) and detail else (
             data.decode("utf-8", "replace")[:500] or f"The model server answered HTTP {status}.")
+    if status == 400 and _VALIDATION_DUMP.match(message):
+        message = _validation_message(message)
     if status == 400 and "--tool-call-parser" in message:  # vLLM's words are for whoever starts the server
         return GatewayError(400, f"`{model}` is served without tool calling: its serving profile sets no "
                                  f"`tool_call_parser` (the parser of the model's tool-call format: hermes, "
@@ -138,6 +142,33 @@ def from_upstream(status: int, data: bytes, model: str, path: str) -> GatewayErr
         type_ = upstream_type if isinstance(upstream_type, str) and upstream_type in OPENAI_TYPES \
             else "invalid_request_error"
     return GatewayError(status, message, type=type_, code=code, param=param)
+
+
+# vLLM's 400 for a field of the wrong type is pydantic's errors as Python reprs, one per line:
+# "1 validation error:\n  {'type': 'float_parsing', 'loc': 'body.temperature', 'msg': 'Input should be ...', ...}"
+_VALIDATION_DUMP = re.compile(r"\d+ validation errors?:\n")
+
+
+def _validation_message(message: str) -> str:
+    """Each of pydantic's errors as `field`: what is wrong (got VALUE); the message unchanged if it does not parse."""
+    parts = []
+    for line in message.splitlines()[1:]:
+        try:
+            err = ast.literal_eval(line.strip())
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return message
+        if not isinstance(err, dict) or not isinstance(err.get("msg"), str):
+            return message
+        loc = err.get("loc")
+        field = ".".join(str(p) for p in loc) if isinstance(loc, (list, tuple)) else str(loc or "")
+        field = field.removeprefix("body.")
+        got = f" (got {_short(repr(err['input']))})" if "input" in err else ""
+        parts.append(f"`{field}`: {err['msg']}{got}" if field else f"{err['msg']}{got}")
+    return "; ".join(parts) + "." if parts else message
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def not_found(path: str) -> GatewayError:

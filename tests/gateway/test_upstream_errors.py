@@ -73,3 +73,23 @@ def test_server_errors_and_bodies_that_are_not_json():
 def test_odd_bodies_still_make_an_error_object(body):
     e = _err(400, body)
     assert e["type"] == "invalid_request_error" and isinstance(e["message"], str) and e["message"]
+
+
+def test_vllms_field_type_errors_read_as_sentences_naming_the_field():
+    """vLLM's 400 for a wrong type is pydantic's errors as Python reprs; the client gets one line per field."""
+    one = ("1 validation error:\n  {'type': 'float_parsing', 'loc': 'body.temperature', 'msg': 'Input should be a "
+           "valid number, unable to parse string as a number', 'input': 'hot'}")
+    err = from_upstream(400, orjson.dumps({"error": {"message": one, "type": "BadRequestError",
+                                                     "param": "body.temperature", "code": 400}}), "m", "/v1/x")
+    assert err.message == ("`temperature`: Input should be a valid number, unable to parse string as a number "
+                           "(got 'hot').")
+    assert err.param == "temperature" and err.type == "invalid_request_error"
+    two = ("2 validation errors:\n  {'type': 'float_type', 'loc': 'body.top_p', 'msg': 'Input should be a valid "
+           "number', 'input': '<list of 1 items>'}\n  {'type': 'int_type', 'loc': ('body', 'n'), 'msg': 'Input "
+           f"should be a valid integer', 'input': '{'x' * 200}'}}")
+    message = from_upstream(400, orjson.dumps({"error": {"message": two}}), "m", "/v1/x").message
+    assert message.startswith("`top_p`: Input should be a valid number (got '<list of 1 items>'); `n`: Input should "
+                              "be a valid integer (got 'xxx")
+    assert message.endswith("...).") and len(message) < 250
+    odd = "1 validation error:\n  not a dict at all"
+    assert from_upstream(400, orjson.dumps({"error": {"message": odd}}), "m", "/v1/x").message == odd
