@@ -54,14 +54,18 @@ def copy_lines(pipe: IO[bytes], log: logging.Handler, seen: Callable[[str], obje
     """A child's output into `log`, whole lines at a time (a rotated file never starts mid-line), until the pipe
     closes; `seen` also gets every line."""
     rest = b""
-    while chunk := pipe.read1(1 << 16):
-        rest += chunk
-        cut = rest.rfind(b"\n") + 1
-        if cut:
-            _emit(rest[:cut - 1], log, seen)
-            rest = rest[cut:]
-    if rest:
-        _emit(rest, log, seen)
+    try:
+        while chunk := pipe.read1(1 << 16):
+            rest += chunk
+            cut = rest.rfind(b"\n") + 1
+            if cut:
+                _emit(rest[:cut - 1], log, seen)
+                rest = rest[cut:]
+        if rest:
+            _emit(rest, log, seen)
+    finally:  # whatever failed here, the child must not block on a full pipe: its output is dropped instead
+        while pipe.read1(1 << 16):
+            pass
 
 
 def _emit(block: bytes, log: logging.Handler, seen: Callable[[str], object] | None) -> None:

@@ -29,3 +29,34 @@ def test_a_service_log_holds_json_lines_and_no_line_per_http_request(capsys):
     assert [(r["logger"], r["msg"]) for r in lines] == [("sovereign.serving.supervisor", "engine up"),
                                                        ("httpx", "an httpx warning still shows")]
     assert lines[0]["port"] == 8000 and lines[0]["level"] == "info"
+
+
+def test_a_failing_copy_still_drains_the_pipe_so_the_child_never_blocks():
+    """vLLM and the gateway write to a pipe their parent reads: a copier that stopped reading would hang them."""
+    import os
+    import threading
+    import time
+
+    import pytest
+
+    from sovereign.logs import copy_lines
+
+    class Broken(logging.Handler):
+        def handle(self, record):
+            raise OSError("disk full")
+
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    with open(read_fd, "rb") as pipe:
+        copier = threading.Thread(target=lambda: pytest.raises(OSError, copy_lines, pipe, Broken()))
+        copier.start()
+        deadline, written = time.monotonic() + 30, 0
+        while written < 4 << 20:  # far past a pipe's buffer: only a reader lets it through
+            try:
+                written += os.write(write_fd, b"x" * 4095 + b"\n")
+            except BlockingIOError:
+                assert time.monotonic() < deadline, f"the pipe stopped draining after {written} bytes"
+                time.sleep(0.001)
+        os.close(write_fd)
+        copier.join(10)
+        assert not copier.is_alive()
