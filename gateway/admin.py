@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gateway import errors as E
 from gateway.accounts import AccountError, Accounts, KeyCreated, KeyOut, KeySpec, TeamOut, TeamSpec, TeamUpdate
 from gateway.directory import Directory, KeyEntry
-from gateway.proxy import _bearer
+from gateway.request_checks import bearer
 
 
 def _error(status: int, message: str, type_: str, code: str | None, param: str | None = None) -> JSONResponse:
@@ -26,7 +26,7 @@ def _error(status: int, message: str, type_: str, code: str | None, param: str |
 
 
 def require_admin(request: Request) -> KeyEntry:
-    secret = _bearer(request.scope)
+    secret = bearer(request.scope)
     entry = request.app.state.directory.lookup(secret) if secret else None
     if entry is None:
         raise E.invalid_api_key()

@@ -10,12 +10,12 @@ from fastapi import Depends, Request
 
 from gateway import errors as E
 from gateway.directory import Directory, KeyEntry
-from gateway.proxy import _bearer
+from gateway.request_checks import bearer
 
 
 def key_entry(scope: dict, directory: Directory) -> KeyEntry | None:
     """The live key a request carries, None without one. Reads headers only, so it may run before the body."""
-    secret = _bearer(scope)
+    secret = bearer(scope)
     return directory.lookup(secret) if secret else None
 
 

@@ -115,7 +115,7 @@ def _schema_texts(node: dict | list, where: str, depth: int, texts: list[Triple]
 
 
 # Where a request constrains the answer's shape: OpenAI's response_format (chat, completions) and the Responses API's
-# text.format, and vLLM's structured_outputs (its older guided_* fields are refused up front: proxy.validate).
+# text.format, and vLLM's structured_outputs (its older guided_* fields are refused up front: request_checks.validate).
 _FORMAT_KEYS = ("response_format", "text", "structured_outputs")
 
 

@@ -26,8 +26,8 @@ import orjson
 
 from gateway import errors as E
 from gateway import responses_api
-from gateway.accounts import MAX_INT32
-from gateway.audit import AuditRecord, add_tool_call
+from gateway.audit import AuditRecord
+from gateway.chat_api import ChatEvents, choices_texts
 from gateway.client_watch import ClientWatch
 from gateway.config import GatewayConfig
 from gateway.directory import Directory, KeyEntry
@@ -35,8 +35,9 @@ from gateway.job_runner import WITHDRAWN
 from gateway.metrics import GatewayMetrics
 from gateway.policy import PolicyOutcome, apply_policy
 from gateway.quotas import QuotaExceeded, QuotaUnavailable
+from gateway.request_checks import bearer, content_length, validate
 from gateway.routing import Replica, Router
-from gateway.upstream import Pool, Response, UpstreamBrokenError, UpstreamError, event_json
+from gateway.upstream import Pool, Response, UpstreamBrokenError, UpstreamError
 
 log = logging.getLogger("sovereign.gateway.access")
 
@@ -45,7 +46,6 @@ SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-
                (b"x-accel-buffering", b"no")]
 UPSTREAM_HEADERS = b"Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n"
 RETRY_STATUSES = (502, 503)
-DONE = b"data: [DONE]\n\n"
 
 
 class ClientGone(Exception):
@@ -88,99 +88,6 @@ def _discard(ex: Exchange, replica: Replica, resp: Response) -> None:
     resp.release()
     replica.outstanding -= 1
     ex.upstream_s += time.perf_counter()
-
-
-def _bearer(scope: dict) -> str | None:
-    for name, value in scope["headers"]:
-        if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-        if name == b"api-key":  # Azure-style clients
-            return value.decode("latin-1").strip() or None
-    return None
-
-
-def _content_length(scope: dict) -> int | None:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
-
-
-def _int_field(body: dict, name: str, minimum: int) -> None:
-    value = body.get(name)
-    if value is None:
-        return
-    if type(value) is not int or not minimum <= value <= MAX_INT32:  # reservations stay exact in Redis's Lua
-        raise E.invalid_request(f"`{name}` must be an integer from {minimum} to {MAX_INT32}, got {value!r}"[:300],
-                                param=name)
-
-
-ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})  # OpenAI's, as vLLM takes them
-# vLLM's structured-output fields before `structured_outputs`: vLLM now ignores them, so the answer would come back
-# unconstrained with a 200 and nothing to tell the client why.
-REMOVED_GUIDED = frozenset({"guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                            "guided_decoding_backend", "guided_whitespace_pattern"})
-
-
-def validate(body: Any, kind: str) -> str:
-    """Check the fields the gateway itself relies on; the upstream validates the rest. Returns the model."""
-    if not isinstance(body, dict):
-        raise E.invalid_request("The request body must be a JSON object.")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise E.invalid_request("`model` is required and must be a non-empty string.", param="model")
-    if kind == "chat":
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise E.invalid_request("`messages` must be a non-empty array of {role, content} objects.",
-                                    param="messages")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise E.invalid_request(f"messages[{i}] must be an object with a string `role`.",
-                                        param=f"messages.{i}")
-            if m["role"] not in ROLES:
-                # The template writes the role into the prompt as it is: any other string is text no policy reads.
-                raise E.invalid_request(f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}; got "
-                                        f"{m['role'][:40]!r}", param=f"messages.{i}.role")
-    elif kind == "completions":
-        prompt = body.get("prompt")
-        ok = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and (
-            all(isinstance(p, str) for p in prompt) or all(type(p) is int for p in prompt)
-            or all(isinstance(p, list) and all(type(t) is int for t in p) for p in prompt)))
-        if not ok:
-            raise E.invalid_request("`prompt` must be a string, an array of strings or an array of token ids.",
-                                    param="prompt")
-    elif kind == "embeddings":
-        inp = body.get("input")
-        if not (isinstance(inp, str) or (isinstance(inp, list) and inp)):
-            raise E.invalid_request("`input` must be a string or a non-empty array.", param="input")
-    elif kind == "responses":
-        responses_api.validate(body)
-        _int_field(body, "max_output_tokens", 1)
-        return model
-    if kind != "embeddings":
-        stream = body.get("stream")
-        if stream is not None and not isinstance(stream, bool):
-            raise E.invalid_request("`stream` must be a boolean.", param="stream")
-        so = body.get("stream_options")
-        if so is not None and (not isinstance(so, dict) or not isinstance(so.get("include_usage", False), bool)):
-            raise E.invalid_request("`stream_options` must be an object like {\"include_usage\": true}.",
-                                    param="stream_options")
-        _int_field(body, "max_tokens", 1)
-        _int_field(body, "max_completion_tokens", 1)
-        _int_field(body, "n", 1)
-        if not REMOVED_GUIDED.isdisjoint(body):
-            name = min(REMOVED_GUIDED.intersection(body))
-            raise E.GatewayError(400, f"`{name}` is no longer read by the model server (vLLM removed the guided_* "
-                                      f"fields), so the answer would not be constrained. Use `structured_outputs` "
-                                      f"({{\"json\": schema}}, {{\"choice\": [...]}}, {{\"regex\": ...}} or "
-                                      f"{{\"grammar\": ...}}) or OpenAI's `response_format`.",
-                                 code="unsupported_parameter", param=name)
-    return model
 
 
 class Proxy:
@@ -232,7 +139,7 @@ class Proxy:
             expected = "GET" if kind is None else "POST"
             if method != expected:
                 raise E.method_not_allowed(method, path)
-            secret = _bearer(scope)
+            secret = bearer(scope)
             entry = self.directory.lookup(secret) if secret else None
             if entry is None:
                 raise E.invalid_api_key()
@@ -353,7 +260,7 @@ class Proxy:
                         await self._relay_upstream_error(send, ex, resp, scope["path"])
                     elif stream:
                         events = (responses_api.ResponseEvents(ex) if ex.kind == "responses"
-                                  else _ChatEvents(ex, client_wants_usage))
+                                  else ChatEvents(ex, client_wants_usage))
                         await self._relay_stream(receive, send, ex, resp, events)
                     else:
                         await self._relay_json(send, ex, resp)
@@ -399,7 +306,7 @@ class Proxy:
 
     async def _read_body(self, scope: dict, receive) -> bytes:
         limit = self.config.max_body_bytes
-        declared = _content_length(scope)
+        declared = content_length(scope)
         if declared is not None and declared > limit:
             raise E.body_too_large(limit)
         chunks, size = [], 0
@@ -535,7 +442,7 @@ class Proxy:
             ex.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             ex.completion_tokens = int(usage.get("completion_tokens") or 0)
         if ex.completion_parts is not None and isinstance(obj, dict):
-            _choices_texts(obj, ex, "message")
+            choices_texts(obj, ex, "message")
         await self._audit(ex)
         await _respond(send, 200, data, JSON_HEADERS + ex.rate_headers, ex.rid)
 
@@ -737,115 +644,6 @@ def _keep(mode: str, text: str | None) -> str | None:
     from sovereign import pii
 
     return pii.redact(text)[0]
-
-
-class _ChatEvents:
-    """A chat or text completion stream: `data: {...}` chunks, the usage-only chunk the gateway asked for, `[DONE]`."""
-
-    __slots__ = ("ex", "parts", "wants_usage", "done", "failed", "chunks", "tail", "unread")
-
-    def __init__(self, ex: Exchange, wants_usage: bool) -> None:
-        self.ex = ex
-        self.parts = ex.completion_parts
-        self.wants_usage = wants_usage
-        self.done = self.failed = False
-        self.chunks = 0
-        self.tail: list[bytes] = []  # held back until the audit record is durable: the usage chunk
-        # Chunks whose text the audit needs, parsed together: one JSON parse per batch costs less than one per chunk.
-        self.unread: list[bytes] = []
-
-    def take(self, event: bytes) -> bool:
-        if event.startswith(b"data: [DONE]"):
-            self.done = True
-            return False
-        if b'"usage":{' in event:
-            obj = event_json(event)
-            if obj is not None and isinstance(obj.get("usage"), dict):
-                ex = self.ex
-                ex.prompt_tokens = int(obj["usage"].get("prompt_tokens") or ex.prompt_tokens)
-                ex.completion_tokens = int(obj["usage"].get("completion_tokens") or 0)
-                if not obj.get("choices"):
-                    if self.wants_usage:
-                        self.tail.append(event)
-                    return False
-        self.chunks += 1
-        if self.parts is not None:
-            self.unread.append(event)
-            if len(self.unread) >= 64:  # a long answer's chunks are not all kept until its end
-                self.flush()
-        return True
-
-    def flush(self) -> None:
-        """Add the text of the chunks taken so far to the audit's parts."""
-        if self.unread:
-            _collect_texts(self.unread, self.ex)
-            self.unread = []
-
-    def end(self) -> bytes:
-        return b"".join(self.tail) + DONE
-
-    @staticmethod
-    def error(err: E.GatewayError) -> bytes:
-        return b"data: " + err.body() + b"\n\n"
-
-
-def _collect_texts(events: list[bytes], ex: Exchange) -> None:
-    """Append the text of chunk events to the audit's parts of their choices, in order."""
-    objs = None
-    joined = b"".join(events)
-    if joined.startswith(b"data: "):
-        # An event ends at its only blank line (a newline inside JSON text is escaped), so when every event is one
-        # `data: ` line the whole batch is one JSON array away.
-        try:
-            objs = orjson.loads(b"[" + joined[6:].rstrip(b"\n").replace(b"\n\ndata: ", b",") + b"]")
-        except orjson.JSONDecodeError:
-            pass
-    if objs is None or len(objs) != len(events):  # another shape (comments, several lines): one event at a time
-        objs = [event_json(event) for event in events]
-    for obj in objs:
-        if isinstance(obj, dict):
-            _choices_texts(obj, ex, "delta")
-
-
-def _choices_texts(obj: dict, ex: Exchange, key: str) -> None:
-    """Add what each choice of a whole answer (`key` "message") or of a stream chunk ("delta") says, or its `text`
-    (text completions), to the audit's parts of that choice."""
-    for choice in obj.get("choices") or ():
-        if not isinstance(choice, dict):
-            continue
-        answer = choice.get(key)
-        if isinstance(answer, dict):
-            _answer_texts(answer, _choice_parts(ex, choice))
-        elif isinstance(choice.get("text"), str):
-            _choice_parts(ex, choice).append(choice["text"])
-
-
-def _choice_parts(ex: Exchange, choice: dict) -> list[str]:
-    """Where a choice's text goes: a stream of several choices interleaves their pieces, which joined together
-    would read as neither answer (and could split a phone number past the audit's redaction)."""
-    index = choice.get("index")
-    if not index or type(index) is not int:
-        return ex.completion_parts
-    if ex.other_choices is None:
-        ex.other_choices = {}
-    return ex.other_choices.setdefault(index, [])
-
-
-def _answer_texts(message: dict, parts: list[str]) -> None:
-    """Append what a chat answer (a message) or a piece of one (a streamed delta) says, for the audit: its content,
-    then each tool call as `[tool_call NAME] ARGUMENTS`. A stream names a call in its first piece and sends the
-    arguments in later ones, so the pieces add up to the whole answer's text."""
-    text = message.get("content")
-    if isinstance(text, str):
-        parts.append(text)
-    calls = message.get("tool_calls")
-    if calls is None and message.get("function_call") is None:
-        return
-    fns = [c.get("function") for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
-    fns.append(message.get("function_call"))  # the legacy `functions` API's single call
-    for fn in fns:
-        if isinstance(fn, dict):
-            add_tool_call(fn, parts)
 
 
 async def _respond(send, status: int, body: bytes, headers: list[tuple[bytes, bytes]], rid: str) -> None:
