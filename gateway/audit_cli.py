@@ -33,7 +33,8 @@ def register_audit(app: typer.Typer) -> None:
                                                           "before its first, from an earlier export"),
     ) -> None:
         """Walk the hash chain; exit 1 naming the first edited, missing or reordered record."""
-        from gateway.audit import AuditError, verify, verify_jsonl
+        from gateway.audit import AuditError
+        from gateway.audit_read import verify, verify_jsonl
 
         if anchor is not None and file is None:
             raise typer.BadParameter("--anchor checks an export file: give --file too", param_hint="--anchor")
@@ -57,7 +58,8 @@ def register_audit(app: typer.Typer) -> None:
                                          help=_DB_HELP),
     ) -> None:
         """Export records as JSON lines, with id, prev_hash and hash so the chain can be checked elsewhere."""
-        from gateway.audit import AuditError, export
+        from gateway.audit import AuditError
+        from gateway.audit_read import export
 
         try:
             n = export(_db_url(database_url), out if out is not None else sys.stdout, since=since)

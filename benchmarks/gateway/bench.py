@@ -424,7 +424,7 @@ def main() -> None:
         results["targets"] = {**measure_all(targets, args, work), **results["targets"]}
         for t in targets:
             if t.audit_url:  # proof that the audit was on: one record per request, and the chain verifies
-                from gateway.audit import verify
+                from gateway.audit_read import verify
 
                 v = verify(t.audit_url)
                 results["targets"][t.name]["audit"] = {"records": v.count, "verify_ok": v.ok, "reason": v.reason}

@@ -18,7 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from gateway.audit import AuditRecord, canonical_json, export, open_audit_log, record_hash, verify, verify_jsonl
+from gateway.audit import AuditRecord, canonical_json, open_audit_log, record_hash
+from gateway.audit_read import export, verify, verify_jsonl
 from sovereign.offline import offline_env
 
 

@@ -17,7 +17,8 @@ import sqlalchemy as sa
 import yaml
 from gw_stores import REPO, pg_url, sqlite_url  # noqa: F401  (fixtures)
 
-from gateway.audit import make_engine, verify
+from gateway.audit import make_engine
+from gateway.audit_read import verify
 from sovereign.offline import offline_env
 from tests.conftest import free_port
 

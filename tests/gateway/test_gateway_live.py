@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.audit import export
+from gateway.audit_read import export
 from tests.conftest import DEFAULT_MODEL
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.audit import export, verify
+from gateway.audit_read import export, verify
 
 USER = [{"role": "user", "content": "hello there"}]
 PII_TEXT = "My phone is 13812345678 and my mail is li.lei@example.com"

@@ -145,7 +145,7 @@ def _audit(gw) -> list[dict]:
     import io
     import json
 
-    from gateway.audit import export
+    from gateway.audit_read import export
 
     buf = io.StringIO()
     export(gw.app.config.resolved_database_url(), buf)

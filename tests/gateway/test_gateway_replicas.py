@@ -8,7 +8,7 @@ import uuid
 import openai
 import pytest
 
-from gateway.audit import verify
+from gateway.audit_read import verify
 from tests.conftest import run_sovereign
 from tests.gateway.conftest import start_gateway_process, write_gateway_config
 from tests.gateway.gw_stores import REDIS_URL, pg_url  # noqa: F401  (fixture)

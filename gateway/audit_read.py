@@ -1,0 +1,187 @@
+"""Reading the audit trail back: `verify` walks the chain in the database (or `verify_jsonl` in an export) and names the
+first record that breaks it; `export` writes records as JSONL, hashes included, for shipping elsewhere."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any
+
+import sqlalchemy as sa
+
+from gateway.audit import (GENESIS, RECORD_FIELDS, AuditError, audit_head, audit_log, canonical_json, make_engine,
+                           record_hash)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    ok: bool
+    count: int
+    first_bad_id: int | None = None
+    reason: str = ""
+
+
+def _iter_rows(conn: sa.Connection, since_ts: float | None = None) -> Iterator[dict[str, Any]]:
+    """Rows by id; with `since_ts`, from the first record that arrived at or after it to the end, without gaps.
+
+    A record is written when its request ends, so `ts` (arrival) is not in id order: a long request that arrived just
+    before `since_ts` sits among later ones. Filtering on `ts` alone would leave holes no verifier could tell from
+    deletions; a contiguous run of ids is a piece of the chain that verifies against the hash before it.
+    """
+    q = sa.select(audit_log).order_by(audit_log.c.id)
+    if since_ts is not None:
+        first = conn.execute(sa.select(sa.func.min(audit_log.c.id)).where(audit_log.c.ts >= since_ts)).scalar()
+        if first is None:
+            return
+        q = q.where(audit_log.c.id >= first)
+    for row in conn.execution_options(stream_results=True, yield_per=2000).execute(q):
+        yield dict(row._mapping)
+
+
+def _check_chain(rows: Iterator[dict[str, Any]], head: tuple[int, str] | None,
+                 start: tuple[int, str] = (1, GENESIS)) -> VerifyResult:
+    """The chain rules, shared by the database and an exported file: ids from `start` on (1 and the genesis hash for
+    a whole chain), each linked and hashed right."""
+    expected_id, prev_hash = start
+    count = 0
+    for row in rows:
+        rid = row["id"]
+        if rid != expected_id:
+            if rid > expected_id:
+                missing = expected_id if rid == expected_id + 1 else f"{expected_id}..{rid - 1}"
+                return VerifyResult(False, count, expected_id,
+                                    f"record {missing} is missing: the chain jumps from {expected_id - 1} to {rid}")
+            return VerifyResult(False, count, rid, f"record {rid} is out of order (expected {expected_id})")
+        if row["prev_hash"] != prev_hash:
+            return VerifyResult(False, count, rid, f"record {rid} does not link to record {rid - 1} (its prev_hash "
+                                                    "differs): a record before it was changed, removed or reordered")
+        if record_hash(prev_hash, row) != row["hash"]:
+            return VerifyResult(False, count, rid, f"record {rid} was modified: its contents do not match its hash")
+        prev_hash = row["hash"]
+        expected_id += 1
+        count += 1
+    if head is not None:
+        last_id, last_hash = head
+        if last_id > count:
+            missing = count + 1 if last_id == count + 1 else f"{count + 1}..{last_id}"
+            return VerifyResult(False, count, count + 1, f"records {missing} are missing from the end of the chain "
+                                                         f"(the chain head says {last_id} records)")
+        if last_id != count or last_hash != prev_hash:
+            return VerifyResult(False, count, min(last_id + 1, count),
+                                f"the chain head (record {last_id}) does not match the last record ({count})")
+    return VerifyResult(True, count, None, f"{count} records, chain intact")
+
+
+def verify(db_url: str) -> VerifyResult:
+    """Walk the chain from record 1; the first edited, missing or out-of-place record is named."""
+    engine = make_engine(db_url, writer=False)
+    try:
+        insp = sa.inspect(engine)
+        if not insp.has_table("audit_log") or not insp.has_table("audit_head"):
+            return VerifyResult(False, 0, None, "no audit trail in this database (tables audit_log/audit_head missing)")
+        with engine.connect() as conn:  # one transaction: a consistent snapshot while gateways keep appending
+            head = conn.execute(sa.select(audit_head.c.last_id, audit_head.c.last_hash)
+                                .where(audit_head.c.id == 1)).first()
+            if head is None:
+                return VerifyResult(False, 0, None, "the chain head row is missing")
+            return _check_chain(_iter_rows(conn), (int(head[0]), str(head[1])))
+    finally:
+        engine.dispose()
+
+
+def verify_jsonl(path: str | Path, anchor: str | None = None) -> VerifyResult:
+    """Check an `export` file on its own: what an auditor runs on their copy.
+
+    A whole export starts at record 1. One made with `--since` starts later and can only prove itself internally
+    unless its first record's prev_hash is checked against the last hash of an earlier export, `anchor`; without one
+    the result says which hash it hangs from.
+    """
+
+    def rows() -> Iterator[dict[str, Any]]:
+        with open(path, "rb") as fh:
+            for lineno, line in enumerate(fh, 1):
+                try:
+                    row = json.loads(line.decode("utf-8"))
+                    row["policy"] = canonical_json(row["policy"])
+                    missing = [k for k in ("id", *RECORD_FIELDS, "prev_hash", "hash") if k not in row]
+                    if missing:
+                        raise ValueError("missing " + ", ".join(missing))
+                    if type(row["id"]) is not int or not isinstance(row["prev_hash"], str):
+                        raise TypeError("id must be an integer and prev_hash a string")
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise AuditError(f"{path}:{lineno}: not an audit export line ({exc})",
+                                     code="invalid_export") from None
+                yield row
+
+    it = rows()
+    first = next(it, None)
+    if first is None:
+        return VerifyResult(True, 0, None, "0 records")
+    start = (1, GENESIS) if first["id"] == 1 else (first["id"], first["prev_hash"])
+    if anchor is not None and first["prev_hash"] != anchor:
+        return VerifyResult(False, 0, first["id"], f"record {first['id']} does not link to the given anchor: its "
+                                                   f"prev_hash is {first['prev_hash']}")
+    result = _check_chain(itertools.chain([first], it), None, start)
+    if result.ok and start[0] != 1:
+        pinned = "linked to the given anchor" if anchor is not None else (
+            f"hanging from prev_hash {start[1]}: check it against record {start[0] - 1} of an earlier export")
+        return VerifyResult(True, result.count, None, f"records {start[0]}..{start[0] + result.count - 1}, chain "
+                                                      f"intact, {pinned}")
+    return result
+
+
+def _since_ts(since: float | int | str | datetime | None) -> float | None:
+    if since is None:
+        return None
+    if isinstance(since, datetime):
+        return (since if since.tzinfo else since.replace(tzinfo=timezone.utc)).timestamp()
+    if isinstance(since, (int, float)):
+        return float(since)
+    try:
+        return float(since)
+    except ValueError:
+        pass
+    try:
+        return _since_ts(datetime.fromisoformat(since.replace("Z", "+00:00")))
+    except ValueError:
+        raise AuditError(f"--since {since!r}: expected an ISO date/time (2026-11-23T10:00:00Z) or unix seconds",
+                         code="invalid_since") from None
+
+
+def export(db_url: str, out: str | Path | IO[str], since: float | str | datetime | None = None) -> int:
+    """Write records as JSON lines with their hashes; returns how many were written. With `since` (a time): from the
+    first record of a request that arrived then, every later record (see `_iter_rows`), a piece `verify_jsonl` checks.
+
+    A path is written to a temp file and renamed, so a failed export never leaves half a file.
+    """
+    since_ts = _since_ts(since)
+    engine = make_engine(db_url, writer=False)
+    try:
+        if not sa.inspect(engine).has_table("audit_log"):
+            raise AuditError("no audit trail in this database (table audit_log missing)", code="audit_not_found")
+        if isinstance(out, (str, Path)):
+            target = Path(out)
+            tmp = target.with_name(f".{target.name}.tmp")
+            with open(tmp, "w", encoding="utf-8") as fh:
+                n = _export_to(engine, fh, since_ts)
+                fh.flush()
+            tmp.replace(target)
+            return n
+        return _export_to(engine, out, since_ts)
+    finally:
+        engine.dispose()
+
+
+def _export_to(engine: sa.Engine, fh: IO[str], since_ts: float | None) -> int:
+    n = 0
+    with engine.connect() as conn:
+        for row in _iter_rows(conn, since_ts):
+            row["policy"] = json.loads(row["policy"])
+            row["time"] = datetime.fromtimestamp(row["ts"], tz=timezone.utc).isoformat()
+            fh.write(canonical_json(row) + "\n")
+            n += 1
+    return n
