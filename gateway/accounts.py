@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, or_, select
 from sqlalchemy.orm import Session
 
 from gateway.db import ApiKey, Team, bump_generation, utcnow
@@ -93,11 +93,25 @@ class KeySpec(Limits):
     team: str
     name: str = Field("", max_length=128)
     is_admin: bool = False
+    # After this the key is refused everywhere, as if revoked (a time without a zone is UTC): keys for contractors,
+    # pilots and rotation schedules end on their own.
+    expires_at: datetime | None = None
 
     @field_validator("name", "team")
     @classmethod
     def _strip(cls, v: str) -> str:
         return _no_nul(v.strip())
+
+    @field_validator("expires_at")
+    @classmethod
+    def _future(cls, v: datetime | None) -> datetime | None:
+        if v is None:
+            return None
+        # Stored in UTC: SQLite keeps a time's digits without its zone.
+        v = v.astimezone(UTC) if v.tzinfo is not None else v.replace(tzinfo=UTC)
+        if v <= utcnow():
+            raise ValueError(f"is in the past ({v.isoformat()}); a key must expire later than now")
+        return v
 
 
 class KeyOut(BaseModel):
@@ -109,6 +123,7 @@ class KeyOut(BaseModel):
     limits: Limits
     created_at: datetime
     revoked_at: datetime | None = None
+    expires_at: datetime | None = None
 
 
 class KeyCreated(KeyOut):
@@ -125,7 +140,12 @@ def _team_out(t: Team, active_keys: int = 0) -> TeamOut:
 def _key_out(k: ApiKey) -> KeyOut:
     return KeyOut(id=k.id, team=k.team, name=k.name, prefix=k.prefix, is_admin=k.is_admin,
                   limits=Limits(**{f: getattr(k, f) for f in LIMIT_FIELDS}), created_at=k.created_at,
-                  revoked_at=k.revoked_at)
+                  revoked_at=k.revoked_at, expires_at=_utc(k.expires_at))
+
+
+def _utc(t: datetime | None) -> datetime | None:
+    """SQLite hands back a stored time without its zone; every time here is UTC."""
+    return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
 
 
 class Accounts:
@@ -191,7 +211,7 @@ class Accounts:
             self._team(s, spec.team)
             key = ApiKey(id=key_id or "key_" + secrets.token_hex(8), team=spec.team, name=spec.name,
                          secret_hash=hash_secret(secret), prefix=secret[:12], is_admin=spec.is_admin,
-                         **{f: getattr(spec, f) for f in LIMIT_FIELDS})
+                         expires_at=spec.expires_at, **{f: getattr(spec, f) for f in LIMIT_FIELDS})
             s.add(key)
             bump_generation(s)
             s.flush()
@@ -199,12 +219,13 @@ class Accounts:
         return KeyCreated(**out.model_dump(), secret=secret)
 
     def list_keys(self, team: str | None = None, *, include_revoked: bool = False) -> list[KeyOut]:
+        """Live keys; with `include_revoked`, revoked and expired ones too."""
         with Session(self.engine) as s:
             q = select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
             if team is not None:
                 q = q.where(ApiKey.team == team)
             if not include_revoked:
-                q = q.where(ApiKey.revoked_at.is_(None))
+                q = q.where(*_live())
             return [_key_out(k) for k in s.scalars(q).all()]
 
     def revoke_key(self, key_id: str) -> KeyOut:
@@ -251,4 +272,9 @@ class Accounts:
 
     @staticmethod
     def _active_keys(s: Session, team: str) -> int:
-        return len(s.scalars(select(ApiKey.id).where(ApiKey.team == team, ApiKey.revoked_at.is_(None))).all())
+        return len(s.scalars(select(ApiKey.id).where(ApiKey.team == team, *_live())).all())
+
+
+def _live() -> tuple:
+    """Where-clauses of a key that works: not revoked, not expired."""
+    return ApiKey.revoked_at.is_(None), or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > utcnow())

@@ -29,7 +29,7 @@ def require_admin(request: Request) -> KeyEntry:
     secret = bearer(request.scope)
     entry = request.app.state.directory.lookup(secret) if secret else None
     if entry is None:
-        raise E.invalid_api_key()
+        raise request.app.state.directory.refusal(secret)
     if not entry.is_admin:
         raise E.admin_required()
     return entry

@@ -8,7 +8,6 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from gateway import errors as E
 from gateway.directory import Directory, KeyEntry
 from gateway.request_checks import bearer
 
@@ -20,9 +19,10 @@ def key_entry(scope: dict, directory: Directory) -> KeyEntry | None:
 
 
 def require_key(request: Request) -> KeyEntry:
-    entry = key_entry(request.scope, request.app.state.directory)
+    directory = request.app.state.directory
+    entry = key_entry(request.scope, directory)
     if entry is None:
-        raise E.invalid_api_key()
+        raise directory.refusal(bearer(request.scope))
     return entry
 
 

@@ -86,27 +86,31 @@ def keys_create(team: Annotated[str, typer.Option(help="The team that owns the k
                 name: Annotated[str, typer.Option(help="A label for people.")] = "",
                 admin: Annotated[bool, typer.Option("--admin", help="May use the admin API.")] = False,
                 rpm: Rpm = None, tpm: Tpm = None, daily_tokens: Daily = None, monthly_tokens: Monthly = None,
+                expires: Annotated[Optional[str], typer.Option(
+                    help="When the key stops working: a duration from now (90d, 12h, 30m) or an ISO 8601 time "
+                         "(UTC unless it names a zone).")] = None,
                 config: ConfigOpt = None, database_url: DbOpt = None, as_json: JsonOpt = False) -> None:
     """Create a key and print its secret once; only its hash is stored."""
     from gateway.accounts import KeySpec
 
+    spec = _validated(KeySpec, dict(team=team, name=name, is_admin=admin, expires_at=_expiry(expires),
+                                    **_limits(rpm, tpm, daily_tokens, monthly_tokens)))
     try:
-        created = _accounts(config, database_url).create_key(
-            _validated(KeySpec, dict(team=team, name=name, is_admin=admin,
-                                     **_limits(rpm, tpm, daily_tokens, monthly_tokens))))
+        created = _accounts(config, database_url).create_key(spec)
     except SovereignError as exc:
         _fail(exc)
     if as_json:
         print(created.model_dump_json())
     else:
-        console.print(f"Created key [bold]{created.id}[/bold] for team {created.team}. Store the secret now; it "
-                      f"is not shown again:")
+        until = f", valid until {created.expires_at:%Y-%m-%d %H:%M} UTC" if created.expires_at else ""
+        console.print(f"Created key [bold]{created.id}[/bold] for team {created.team}{until}. Store the secret now; "
+                      f"it is not shown again:")
         print(created.secret)
 
 
 @keys_app.command("list")
 def keys_list(team: Annotated[Optional[str], typer.Option(help="Only this team's keys.")] = None,
-              all_: Annotated[bool, typer.Option("--all", help="Include revoked keys.")] = False,
+              all_: Annotated[bool, typer.Option("--all", help="Include revoked and expired keys.")] = False,
               config: ConfigOpt = None, database_url: DbOpt = None, as_json: JsonOpt = False) -> None:
     """List keys (ids and prefixes, never secrets)."""
     try:
@@ -116,11 +120,12 @@ def keys_list(team: Annotated[Optional[str], typer.Option(help="Only this team's
     if as_json:
         print(json.dumps([k.model_dump(mode="json") for k in keys]))
         return
-    table = Table("id", "team", "name", "prefix", "admin", "created", "revoked")
+    table = Table("id", "team", "name", "prefix", "admin", "created", "expires", "revoked")
+    minute = "%Y-%m-%d %H:%M"
     for k in keys:
-        table.add_row(k.id, k.team, k.name, k.prefix + "…", "yes" if k.is_admin else "",
-                      k.created_at.strftime("%Y-%m-%d %H:%M"), k.revoked_at.strftime("%Y-%m-%d %H:%M")
-                      if k.revoked_at else "")
+        table.add_row(k.id, k.team, k.name, k.prefix + "…", "yes" if k.is_admin else "", k.created_at.strftime(minute),
+                      k.expires_at.strftime(minute) if k.expires_at else "",
+                      k.revoked_at.strftime(minute) if k.revoked_at else "")
     table_console().print(table)
 
 
@@ -164,6 +169,24 @@ def _policy(models, max_tokens, pii, injection, audit_content) -> dict:
         if v is not None:
             out[k] = v
     return out
+
+
+def _expiry(text: str | None):
+    """`--expires`: 90d / 12h / 30m from now, or an ISO 8601 time; refused with what it expects."""
+    import re
+    from datetime import UTC, datetime, timedelta
+
+    if text is None:
+        return None
+    if m := re.fullmatch(r"\s*(\d{1,6})\s*([dhm])\s*", text):
+        unit = {"d": "days", "h": "hours", "m": "minutes"}[m.group(2)]
+        return datetime.now(UTC) + timedelta(**{unit: int(m.group(1))})
+    try:
+        return datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        console.print(f"[red]error[/red] (invalid_argument): --expires {text!r}: expected a duration from now (90d, "
+                      f"12h, 30m) or an ISO 8601 time (2027-03-31T18:00:00Z)")
+        raise typer.Exit(2) from None
 
 
 def _validated(model_cls, data: dict):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Engine, ForeignKey, Integer, String, create_engine, event, update
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Engine, ForeignKey, Integer, String, create_engine, event,
+                        inspect, text, update)
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -56,6 +57,7 @@ class ApiKey(Base):
     monthly_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class Meta(Base):
@@ -92,10 +94,12 @@ def make_engine(url: str) -> Engine:
 
 
 def init_db(engine: Engine) -> None:
-    """Create the tables and the change counter if missing; safe when several gateways start at once."""
+    """Create the tables and the change counter if missing, and the columns a later release added; safe when several
+    gateways start at once."""
     for attempt in range(5):
         try:
             Base.metadata.create_all(engine)
+            _add_new_columns(engine)
             with Session(engine) as s, s.begin():
                 if s.get(Meta, GENERATION) is None:
                     s.add(Meta(name=GENERATION, value=0))
@@ -107,6 +111,19 @@ def init_db(engine: Engine) -> None:
             import time
 
             time.sleep(0.2 * (attempt + 1))
+
+
+def _add_new_columns(engine: Engine) -> None:
+    """Columns added to a table after its first release (all nullable: rows written before mean "not set"), added to a
+    database an earlier release created. create_all makes missing tables only."""
+    insp = inspect(engine)
+    for table in Base.metadata.sorted_tables:
+        have = {c["name"] for c in insp.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in have and column.nullable:
+                kind = column.type.compile(dialect=engine.dialect)
+                with engine.begin() as conn:  # a racing gateway's ADD raises here; init_db's retry then finds it
+                    conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}'))
 
 
 def bump_generation(session: Session) -> None:

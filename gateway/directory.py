@@ -11,6 +11,8 @@ import asyncio
 import hmac
 import logging
 import threading
+import time
+from datetime import UTC, datetime
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -19,6 +21,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from gateway import errors as E
 from gateway.accounts import LIMIT_FIELDS, hash_secret
 from gateway.background import cancel_and_wait
 from gateway.db import ApiKey, Team, read_generation
@@ -64,6 +67,13 @@ class KeyEntry:
     is_admin: bool
     limits: Limits
     quota_subjects: list = field(default_factory=list)  # [(subject, QuotaLimits)], built once per snapshot
+    expires_at: float | None = None  # unix seconds
+
+
+def _epoch(t: datetime | None) -> float | None:
+    if t is None:
+        return None
+    return (t if t.tzinfo is not None else t.replace(tzinfo=UTC)).timestamp()  # SQLite returns UTC without a zone
 
 
 def _limits(row: Any) -> Limits:
@@ -85,12 +95,24 @@ class Directory:
         self.loaded = False
 
     def lookup(self, secret: str) -> KeyEntry | None:
+        """The live key with this secret; None for an unknown, revoked or expired one (`refusal` says which)."""
         digest = hash_secret(secret)
         entry = self._keys.get(digest)
         # The dict lookup already matched; compare_digest keeps the final check constant-time all the same.
         if entry is None or not hmac.compare_digest(entry.secret_hash, digest):
             return None
+        if entry.expires_at is not None and entry.expires_at <= time.time():
+            return None  # expiry needs no reload: it reaches every gateway at the same moment
         return entry
+
+    def refusal(self, secret: str | None) -> E.GatewayError:
+        """The 401 for a secret `lookup` did not accept: an expired key says when it expired and what to do."""
+        entry = self._keys.get(hash_secret(secret)) if secret else None
+        if entry is not None and entry.expires_at is not None:
+            when = datetime.fromtimestamp(entry.expires_at, UTC).isoformat(timespec="seconds")
+            return E.invalid_api_key(f"This API key ({entry.id}) expired at {when}; ask an administrator for a new "
+                                     f"one (`sovereign keys create`).")
+        return E.invalid_api_key()
 
     def reload_if_changed(self) -> bool:
         # The refresh thread and an admin request's thread both reload: unserialized, an older snapshot could land
@@ -116,7 +138,7 @@ class Directory:
                 if team is None:
                     continue
                 entry = KeyEntry(id=k.id, secret_hash=k.secret_hash, team=team, is_admin=k.is_admin,
-                                 limits=_limits(k))
+                                 limits=_limits(k), expires_at=_epoch(k.expires_at))
                 if self._subjects is not None:
                     entry.quota_subjects = self._subjects(entry)
                 keys[k.secret_hash] = entry

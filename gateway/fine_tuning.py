@@ -29,7 +29,7 @@ from gateway.files_api import build_files_router
 from gateway.job_runner import JobRunner, LocalLauncher
 from gateway.job_store import TERMINAL, JobStore
 from gateway.jobs_api import build_jobs_router
-from gateway.request_checks import content_length
+from gateway.request_checks import bearer, content_length
 from sovereign.formats import JobRecord
 from sovereign.settings import HomeSettings
 
@@ -146,7 +146,7 @@ class _Guard:
     def _refusal(self, exchange: _Exchange) -> E.GatewayError | None:
         """What can be refused on the headers alone."""
         if exchange.scope["method"] == "POST" and key_entry(exchange.scope, self.directory) is None:
-            return E.invalid_api_key()
+            return self.directory.refusal(bearer(exchange.scope))
         length = content_length(exchange.scope)
         return exchange.too_large if length is not None and length > exchange.limit else None
 

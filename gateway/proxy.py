@@ -142,7 +142,7 @@ class Proxy:
             secret = bearer(scope)
             entry = self.directory.lookup(secret) if secret else None
             if entry is None:
-                raise E.invalid_api_key()
+                raise self.directory.refusal(secret)
             ex.entry = entry
             if kind is None:
                 await self._models(scope, send, ex)

@@ -150,3 +150,77 @@ def test_cli_refuses_a_bad_limit_with_a_message(gw, tmp_path):
     url = gw.app.config.resolved_database_url()
     out = run_sovereign(tmp_path, "keys", "create", "--team", "t", "--rpm", "0", "--database-url", url, check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "requests_per_minute" in out.stderr
+
+
+def test_a_key_that_expires_stops_working_everywhere_and_says_when(gw):
+    from datetime import UTC, datetime, timedelta, timezone
+
+    admin = httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {gw.admin_key}"})
+    assert admin.post("/admin/teams", json={"name": "pilot", "allowed_models": ["fake-model"]}).status_code == 201
+    past = admin.post("/admin/keys", json={"team": "pilot", "expires_at": "2020-01-01T00:00:00Z"})
+    assert past.status_code == 400 and past.json()["error"]["param"] == "expires_at"
+    assert "in the past" in past.json()["error"]["message"]
+    soon = datetime.now(UTC) + timedelta(seconds=2)
+    local = soon.astimezone(timezone(timedelta(hours=8))).isoformat()  # the same instant: stored and shown in UTC
+    created = admin.post("/admin/keys", json={"team": "pilot", "name": "trial", "expires_at": local}).json()
+    assert abs(datetime.fromisoformat(created["expires_at"]) - soon) < timedelta(milliseconds=1)
+    client = gw.client(created["secret"])
+    assert client.chat.completions.create(model="fake-model", messages=USER).choices
+    assert [k["id"] for k in admin.get("/admin/keys", params={"team": "pilot"}).json()] == [created["id"]]
+    time.sleep(max(0.0, (soon - datetime.now(UTC)).total_seconds()) + 0.05)
+    with pytest.raises(openai.AuthenticationError) as refused:  # no reload needed: expiry is a time, not a change
+        client.chat.completions.create(model="fake-model", messages=USER)
+    message = refused.value.body["message"]
+    assert refused.value.body["code"] == "invalid_api_key" and f"({created['id']}) expired at " in message
+    assert soon.strftime("%Y-%m-%dT%H:%M:%S") in message and "sovereign keys create" in message
+    with pytest.raises(openai.AuthenticationError, match="expired at"):
+        client.files.list()  # the FastAPI-served /v1 endpoints say the same
+    assert admin.get("/admin/keys", params={"team": "pilot"}).json() == []  # live keys only
+    listed = admin.get("/admin/keys", params={"team": "pilot", "include_revoked": "true"}).json()
+    assert [k["id"] for k in listed] == [created["id"]] and listed[0]["revoked_at"] is None
+    assert admin.get("/admin/teams/pilot").json()["active_keys"] == 0
+
+
+def test_cli_keys_expire_after_a_duration_or_at_a_time(gw, tmp_path):
+    from datetime import UTC, datetime, timedelta
+
+    db = ["--database-url", gw.app.config.resolved_database_url()]
+    run_sovereign(tmp_path, "teams", "create", "contractors", *db)
+    made = json.loads(run_sovereign(tmp_path, "keys", "create", "--team", "contractors", "--expires", "90d",
+                                    "--json", *db).stdout)
+    assert abs(datetime.fromisoformat(made["expires_at"]) - (datetime.now(UTC) + timedelta(days=90))) < \
+        timedelta(minutes=1)
+    at = json.loads(run_sovereign(tmp_path, "keys", "create", "--team", "contractors", "--expires",
+                                  "2099-03-31T18:00:00Z", "--json", *db).stdout)
+    assert at["expires_at"] == "2099-03-31T18:00:00Z"
+    listing = run_sovereign(tmp_path, "keys", "list", "--team", "contractors", *db).stdout
+    assert "2099-03-31 18:00" in listing
+    bad = run_sovereign(tmp_path, "keys", "create", "--team", "contractors", "--expires", "soon", *db, check=False)
+    assert bad.returncode == 2 and "--expires 'soon'" in bad.stderr and "90d" in bad.stderr
+
+
+@pytest.mark.parametrize("store", ["sqlite_url", "pg_url"])
+def test_a_database_from_before_key_expiry_gets_the_column_and_its_keys_keep_working(request, store):
+    """init_db adds a column a later release brought to a table an earlier one created; old rows mean "not set"."""
+    from sqlalchemy import inspect, text
+
+    from gateway.accounts import Accounts, KeySpec, TeamSpec
+    from gateway.db import init_db, make_engine
+    from gateway.directory import Directory
+
+    url = request.getfixturevalue(store)
+    engine = make_engine(url)
+    init_db(engine)
+    Accounts(engine).create_team(TeamSpec(name="t"))
+    secret = Accounts(engine).create_key(KeySpec(team="t")).secret
+    with engine.begin() as conn:  # the table as the release before expiry made it
+        conn.execute(text("ALTER TABLE gateway_keys DROP COLUMN expires_at"))
+    engine.dispose()
+    engine = make_engine(url)
+    assert "expires_at" not in {c["name"] for c in inspect(engine).get_columns("gateway_keys")}
+    init_db(engine)
+    directory = Directory(engine)
+    directory.reload_if_changed()
+    assert directory.lookup(secret) is not None
+    assert Accounts(engine).list_keys()[0].expires_at is None
+    engine.dispose()
