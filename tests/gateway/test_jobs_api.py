@@ -458,6 +458,11 @@ class OneKey:
     def lookup(self, secret: str) -> KeyEntry | None:
         return self.entry if secret == "sk-live" else None
 
+    def refusal(self, secret: str | None):
+        from gateway import errors
+
+        return errors.invalid_api_key()
+
 
 @pytest.fixture
 def ft_app(tmp_path):
