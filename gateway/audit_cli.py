@@ -1,4 +1,4 @@
-"""`sovereign audit verify|export`: check the hash chain, and ship the trail as JSON lines."""
+"""`sovereign audit verify|export|usage`: check the hash chain, ship the trail as JSON lines, sum what teams used."""
 
 from __future__ import annotations
 
@@ -69,4 +69,60 @@ def register_audit(app: typer.Typer) -> None:
         if out is not None:
             typer.echo(f"exported {n} records to {out}", err=True)
 
+    @audit.command("usage")
+    def usage_cmd(
+        by: str = typer.Option("team", "--by", help="Comma-separated: team, key, model, adapter, status, day, month"),
+        since: str = typer.Option(None, "--since", help="From this time: ISO 8601 or unix seconds (UTC)"),
+        until: str = typer.Option(None, "--until", help="Before this time: ISO 8601 or unix seconds (UTC)"),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table"),
+        database_url: str = typer.Option(None, "--database-url", envvar="SOVEREIGN_GATEWAY_DATABASE_URL",
+                                         help=_DB_HELP),
+    ) -> None:
+        """Requests, errors and tokens per team (or key, model, adapter, status, day, month), from the audit trail:
+        what each team was charged."""
+        import json
+
+        from gateway.audit import AuditError
+        from gateway.audit_read import parse_time
+        from gateway.audit_usage import usage
+
+        groups = [g.strip() for g in by.split(",") if g.strip()]
+        try:
+            rows = usage(_db_url(database_url), groups, parse_time(since, "--since"), parse_time(until, "--until"))
+        except AuditError as exc:
+            typer.echo(f"error [{exc.code}]: {exc}", err=True)
+            raise typer.Exit(2) from None
+        if as_json:
+            typer.echo(json.dumps([r.as_dict() for r in rows]))
+            return
+        from rich.table import Table
+
+        from sovereign.console import table_console
+
+        table = Table(*groups)
+        for name in ("requests", "errors", "prompt tokens", "completion tokens", "total tokens"):
+            table.add_column(name, justify="right")
+        for r in rows:
+            table.add_row(*("" if v is None else str(v) for v in r.group.values()), *_counts(r))
+        if len(rows) > 1:
+            total = _total(rows)
+            table.add_row(*(["total"] + [""] * (len(groups) - 1)), *_counts(total), style="bold")
+        table_console().print(table)
+
     app.add_typer(audit, name="audit")
+
+
+def _counts(u) -> list[str]:
+    return [f"{n:,}" for n in (u.requests, u.errors, u.prompt_tokens, u.completion_tokens, u.total_tokens)]
+
+
+def _total(rows):
+    from gateway.audit_usage import Usage
+
+    total = Usage({})
+    for r in rows:
+        total.requests += r.requests
+        total.errors += r.errors
+        total.prompt_tokens += r.prompt_tokens
+        total.completion_tokens += r.completion_tokens
+    return total

@@ -134,22 +134,23 @@ def verify_jsonl(path: str | Path, anchor: str | None = None) -> VerifyResult:
     return result
 
 
-def _since_ts(since: float | int | str | datetime | None) -> float | None:
-    if since is None:
+def parse_time(value: float | int | str | datetime | None, option: str = "--since") -> float | None:
+    """Unix seconds from a time given as unix seconds or ISO 8601 (UTC unless it names a zone)."""
+    if value is None:
         return None
-    if isinstance(since, datetime):
-        return (since if since.tzinfo else since.replace(tzinfo=timezone.utc)).timestamp()
-    if isinstance(since, (int, float)):
-        return float(since)
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
+    if isinstance(value, (int, float)):
+        return float(value)
     try:
-        return float(since)
+        return float(value)
     except ValueError:
         pass
     try:
-        return _since_ts(datetime.fromisoformat(since.replace("Z", "+00:00")))
+        return parse_time(datetime.fromisoformat(value.replace("Z", "+00:00")))
     except ValueError:
-        raise AuditError(f"--since {since!r}: expected an ISO date/time (2026-11-23T10:00:00Z) or unix seconds",
-                         code="invalid_since") from None
+        raise AuditError(f"{option} {value!r}: expected an ISO date/time (2026-11-23T10:00:00Z) or unix seconds",
+                         code=f"invalid_{option.lstrip('-')}") from None
 
 
 def export(db_url: str, out: str | Path | IO[str], since: float | str | datetime | None = None) -> int:
@@ -158,7 +159,7 @@ def export(db_url: str, out: str | Path | IO[str], since: float | str | datetime
 
     A path is written to a temp file and renamed, so a failed export never leaves half a file.
     """
-    since_ts = _since_ts(since)
+    since_ts = parse_time(since)
     engine = make_engine(db_url, writer=False)
     try:
         if not sa.inspect(engine).has_table("audit_log"):

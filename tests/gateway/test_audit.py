@@ -484,3 +484,67 @@ def test_sovereign_audit_cli_through_the_real_command(sqlite_url, tmp_path):  # 
     assert bad.returncode == 1 and "record 4 is missing" in bad.stderr
     env["SOVEREIGN_GATEWAY_DATABASE_URL"] = sqlite_url  # the gateway's own variable is the default
     assert cli("verify").returncode == 1
+
+
+def test_usage_sums_requests_errors_and_tokens_per_team_model_day_and_month(db_url):
+    """What each team was charged, from the trail: the same sums on SQLite and PostgreSQL, days and months in UTC."""
+    from datetime import UTC, datetime
+
+    from gateway.audit_usage import usage
+
+    def at(text: str) -> float:
+        return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+
+    records = [rec(1, ts=at("2026-11-30T23:59:59"), team="sales", prompt_tokens=10, completion_tokens=5),
+               rec(2, ts=at("2026-12-01T00:00:00"), team="sales", prompt_tokens=7, completion_tokens=3),
+               rec(3, ts=at("2026-12-01T12:00:00"), team="sales", status=429, prompt_tokens=0, completion_tokens=0),
+               rec(4, ts=at("2026-12-02T08:00:00"), team="support", model="other", prompt_tokens=100,
+                   completion_tokens=50),
+               rec(5, ts=at("2026-12-02T09:00:00"), team="support", status=499, prompt_tokens=20,
+                   completion_tokens=4)]
+
+    async def write():
+        log = open_audit_log(db_url)
+        for r in records:
+            await log.append(r)
+        await log.close()
+
+    asyncio.run(write())
+    rows = {tuple(u.group.values()): u for u in usage(db_url, ["team"])}
+    assert (rows[("sales",)].requests, rows[("sales",)].errors, rows[("sales",)].total_tokens) == (3, 1, 25)
+    assert (rows[("support",)].requests, rows[("support",)].errors, rows[("support",)].prompt_tokens,
+            rows[("support",)].completion_tokens) == (2, 1, 120, 54)
+    by_day = [(u.group["day"], u.group["team"], u.requests, u.total_tokens) for u in usage(db_url, ["day", "team"])]
+    assert by_day == [("2026-11-30", "sales", 1, 15), ("2026-12-01", "sales", 2, 10), ("2026-12-02", "support", 2, 174)]
+    by_month = [(u.group["month"], u.requests, u.total_tokens) for u in usage(db_url, ["month"])]
+    assert by_month == [("2026-11", 1, 15), ("2026-12", 4, 184)]
+    december = usage(db_url, ["model"], since=at("2026-12-01T00:00:00"), until=at("2026-12-02T08:00:00"))
+    assert [(u.group["model"], u.requests) for u in december] == [("SmolLM2-135M-Instruct", 2)]
+    assert [u.requests for u in usage(db_url, [])] == [5]
+    assert usage(db_url, [], since=at("2027-01-01T00:00:00")) == []
+
+
+def test_audit_cli_usage_prints_a_table_with_a_total_json_and_clear_refusals(sqlite_url):  # noqa: F811
+    import typer
+
+    from gateway.audit_cli import register_audit
+
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        pass
+
+    register_audit(app)
+    runner = CliRunner()
+    append_many(sqlite_url, 4)  # team sales; prompt 10..13, completion 0..3
+    table = runner.invoke(app, ["audit", "usage", "--by", "team,adapter", "--database-url", sqlite_url])
+    assert table.exit_code == 0 and "support@3" in table.output and "total" in table.output
+    assert "52" in table.output  # the total tokens of all four: 46 prompt + 6 completion
+    rows = json.loads(runner.invoke(app, ["audit", "usage", "--json", "--database-url", sqlite_url]).output)
+    assert rows == [{"group": {"team": "sales"}, "requests": 4, "errors": 0, "prompt_tokens": 46,
+                     "completion_tokens": 6, "total_tokens": 52}]
+    bad = runner.invoke(app, ["audit", "usage", "--by", "teams", "--database-url", sqlite_url])
+    assert bad.exit_code == 2 and "invalid_group" in bad.output and "team, key, model" in bad.output
+    until = runner.invoke(app, ["audit", "usage", "--until", "tomorrow", "--database-url", sqlite_url])
+    assert until.exit_code == 2 and "invalid_until" in until.output

@@ -1,0 +1,85 @@
+"""Usage from the audit trail, for chargeback: requests and tokens per team, key, model, adapter, day or month.
+
+Every request has one record holding the token counts its quota settled on (the model server's own counts), so these
+sums are what each team was charged, read from the store an auditor already trusts. Refused and failed requests
+count as requests and errors, with the tokens they used (none for most).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+
+from gateway.audit import AuditError, audit_log, make_engine
+
+GROUPS = ("team", "key", "model", "adapter", "status", "day", "month")
+_COLUMNS = {"team": audit_log.c.team, "key": audit_log.c.key_id, "model": audit_log.c.model,
+            "adapter": audit_log.c.adapter, "status": audit_log.c.status}
+_DAY_S = 86_400
+
+
+@dataclass(slots=True)
+class Usage:
+    group: dict[str, str | int | None]  # one value per grouping asked for, in its order
+    requests: int = 0
+    errors: int = 0  # status 400 and above: refusals, upstream failures, clients that hung up (499)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "total_tokens": self.total_tokens}
+
+
+def usage(db_url: str, by: list[str], since: float | None = None, until: float | None = None) -> list[Usage]:
+    """Sums over records with since <= ts < until, one row per distinct value of the `by` groupings (none: one row),
+    sorted by them. Days and months are UTC."""
+    unknown = [g for g in by if g not in GROUPS]
+    if unknown or len(set(by)) != len(by):
+        raise AuditError(f"--by {','.join(by)}: group by one or more of {', '.join(GROUPS)}, each once",
+                         code="invalid_group")
+    engine = make_engine(db_url, writer=False)
+    try:
+        if not sa.inspect(engine).has_table("audit_log"):
+            raise AuditError("no audit trail in this database (table audit_log missing)", code="audit_not_found")
+        # Months are days summed here: the SQL stays the same on SQLite and PostgreSQL, and a year is 365 rows a group.
+        sql_groups = ["day" if g == "month" else g for g in by]
+        day = (sa.func.floor(audit_log.c.ts / _DAY_S) if engine.dialect.name == "postgresql"
+               else sa.cast(audit_log.c.ts / _DAY_S, sa.Integer))  # SQLite: truncation, and every ts is positive
+        cols = [(day if g == "day" else _COLUMNS[g]).label(f"g{i}") for i, g in enumerate(sql_groups)]
+        errors = sa.func.sum(sa.case((audit_log.c.status >= 400, 1), else_=0))
+        q = sa.select(*cols, sa.func.count(), errors, sa.func.sum(audit_log.c.prompt_tokens),
+                      sa.func.sum(audit_log.c.completion_tokens))
+        if since is not None:
+            q = q.where(audit_log.c.ts >= since)
+        if until is not None:
+            q = q.where(audit_log.c.ts < until)
+        if cols:
+            q = q.group_by(*cols)
+        with engine.connect() as conn:
+            rows = conn.execute(q).all()
+    finally:
+        engine.dispose()
+    merged: dict[tuple, Usage] = {}
+    for row in rows:
+        key = tuple(_label(g, v) for g, v in zip(by, row[:len(by)]))
+        if not row[len(by)]:
+            continue  # no records at all: SQL's one row of an ungrouped count
+        u = merged.setdefault(key, Usage(dict(zip(by, key))))
+        u.requests += int(row[len(by)])
+        u.errors += int(row[len(by) + 1] or 0)
+        u.prompt_tokens += int(row[len(by) + 2] or 0)
+        u.completion_tokens += int(row[len(by) + 3] or 0)
+    return [merged[k] for k in sorted(merged, key=lambda k: tuple((v is None, str(v)) for v in k))]
+
+
+def _label(group: str, value) -> str | int | None:
+    if group in ("day", "month"):
+        day = datetime.fromtimestamp(int(value) * _DAY_S, UTC)
+        return day.strftime("%Y-%m-%d" if group == "day" else "%Y-%m")
+    return value
