@@ -38,7 +38,8 @@ def require_admin(request: Request) -> KeyEntry:
 Admin = Annotated[KeyEntry, Depends(require_admin)]
 
 
-def build_admin_app(accounts: Accounts, directory: Directory, status: Any = None) -> FastAPI:
+def build_admin_app(accounts: Accounts, directory: Directory, status: Any = None,
+                    audit_url: str | None = None) -> FastAPI:
     app = FastAPI(title="Sovereign gateway admin API", version="1", docs_url="/admin/docs",
                   openapi_url="/admin/openapi.json", redoc_url=None)
 
@@ -135,5 +136,24 @@ def build_admin_app(accounts: Accounts, directory: Directory, status: Any = None
     @app.get("/admin/status")
     def get_status(_: Admin) -> dict:
         return status() if status is not None else {}
+
+    @app.get("/admin/usage")
+    def get_usage(_: Admin, by: str = "team", since: str | None = None, until: str | None = None) -> list[dict]:
+        """What `sovereign audit usage` prints: requests, errors and tokens per team, key, model, adapter, status,
+        day or month (comma-separated `by`), from the audit trail."""
+        from gateway.audit import AuditError
+        from gateway.audit_read import parse_time
+        from gateway.audit_usage import usage
+
+        if audit_url is None:
+            raise E.GatewayError(404, "This gateway keeps no audit trail.", code="audit_not_found")
+        try:
+            rows = usage(audit_url, [g.strip() for g in by.split(",") if g.strip()],
+                         parse_time(since, "since"), parse_time(until, "until"))
+        except AuditError as exc:
+            param = {"invalid_group": "by", "invalid_since": "since", "invalid_until": "until"}.get(exc.code)
+            raise E.GatewayError(404 if exc.code == "audit_not_found" else 400, exc.message, code=exc.code,
+                                 param=param) from None
+        return [r.as_dict() for r in rows]
 
     return app

@@ -48,7 +48,8 @@ class GatewayApp:
         self.router = Router(config.models, health_interval_s=config.health_check_interval_s,
                              probe_timeout_s=config.timeouts.connect + 5)
         self.proxy = Proxy(config, self.directory, self.router, self.metrics)
-        self.admin = build_admin_app(self.accounts, self.directory, self.status)
+        self.admin = build_admin_app(self.accounts, self.directory, self.status,
+                                     audit_url=config.audit_database_url or config.resolved_database_url())
         self.fine_tuning = FineTuning(config, self.directory, lambda: list(self.router.pools),
                                       on_succeeded=self._discover_adapter)
         self.proxy.owner = self.fine_tuning.owner  # adapters made by fine-tune jobs belong to their team

@@ -224,3 +224,23 @@ def test_a_database_from_before_key_expiry_gets_the_column_and_its_keys_keep_wor
     assert directory.lookup(secret) is not None
     assert Accounts(engine).list_keys()[0].expires_at is None
     engine.dispose()
+
+
+def test_admin_usage_reports_what_each_team_used_from_the_audit_trail(gw):
+    admin = httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {gw.admin_key}"})
+    client = gw.client(gw.key("billing", allowed_models=["fake-model"]))
+    for _ in range(3):
+        client.chat.completions.create(model="fake-model", messages=USER)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="another-model", messages=USER)
+    rows = admin.get("/admin/usage", params={"by": "team,status"}).json()
+    billing = {r["group"]["status"]: r for r in rows if r["group"]["team"] == "billing"}
+    assert billing[200]["requests"] == 3 and billing[200]["errors"] == 0 and billing[200]["total_tokens"] > 0
+    assert billing[200]["total_tokens"] == billing[200]["prompt_tokens"] + billing[200]["completion_tokens"]
+    assert set(billing) - {200} and all(r["errors"] == r["requests"] for s, r in billing.items() if s != 200)
+    bad = admin.get("/admin/usage", params={"by": "teams"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "by"
+    assert bad.json()["error"]["code"] == "invalid_group"
+    late = admin.get("/admin/usage", params={"since": "soon"})
+    assert late.status_code == 400 and late.json()["error"]["param"] == "since"
+    assert httpx.get(f"{gw.url}/admin/usage", headers={"Authorization": f"Bearer {gw.key()}"}).status_code == 403
