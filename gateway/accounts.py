@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
@@ -62,6 +62,19 @@ def _no_nul(v: str) -> str:
     return v
 
 
+def _in_future(v: datetime | None) -> datetime | None:
+    """A key's expiry: later than now, in UTC (a time without a zone is UTC; SQLite keeps a time's digits only)."""
+    if v is None:
+        return None
+    v = v.astimezone(UTC) if v.tzinfo is not None else v.replace(tzinfo=UTC)
+    if v <= utcnow():
+        raise ValueError(f"is in the past ({v.isoformat()}); a key must expire later than now")
+    return v
+
+
+Expiry = Annotated[datetime | None, AfterValidator(_in_future)]
+
+
 class TeamSpec(Limits):
     """A team's policy. `allowed_models` are glob patterns over model ids, adapters included (`support@*`)."""
 
@@ -93,25 +106,15 @@ class KeySpec(Limits):
     team: str
     name: str = Field("", max_length=128)
     is_admin: bool = False
-    # After this the key is refused everywhere, as if revoked (a time without a zone is UTC): keys for contractors,
-    # pilots and rotation schedules end on their own.
-    expires_at: datetime | None = None
+    # After this the key is refused everywhere, as if revoked: keys for contractors, pilots and rotation schedules
+    # end on their own.
+    expires_at: Expiry = None
 
     @field_validator("name", "team")
     @classmethod
     def _strip(cls, v: str) -> str:
         return _no_nul(v.strip())
 
-    @field_validator("expires_at")
-    @classmethod
-    def _future(cls, v: datetime | None) -> datetime | None:
-        if v is None:
-            return None
-        # Stored in UTC: SQLite keeps a time's digits without its zone.
-        v = v.astimezone(UTC) if v.tzinfo is not None else v.replace(tzinfo=UTC)
-        if v <= utcnow():
-            raise ValueError(f"is in the past ({v.isoformat()}); a key must expire later than now")
-        return v
 
 
 class KeyOut(BaseModel):
@@ -124,6 +127,13 @@ class KeyOut(BaseModel):
     created_at: datetime
     revoked_at: datetime | None = None
     expires_at: datetime | None = None
+
+
+class KeyRotation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    grace_seconds: int = Field(86_400, ge=0, le=366 * 86_400)  # how long the old secret keeps working
+    expires_at: Expiry = None  # of the new key; by default it lives as long as the old one was meant to
 
 
 class KeyCreated(KeyOut):
@@ -238,6 +248,34 @@ class Accounts:
                 bump_generation(s)
             s.flush()
             return _key_out(key)
+
+    def rotate_key(self, key_id: str, *, grace: timedelta, expires_at: datetime | None = None) -> KeyCreated:
+        """A new secret for a live key: a new key with its team, name, admin flag and limits, while the old one keeps
+        working for `grace` (apps switch over without an outage), then expires. The new key lives as long as the old
+        one was meant to (from now), unless `expires_at` says otherwise."""
+        if grace < timedelta(0):
+            raise AccountError("the grace period must not be negative", code="invalid_grace")
+        secret = generate_secret()
+        now = utcnow()
+        with Session(self.engine, expire_on_commit=False) as s, s.begin():
+            old = s.get(ApiKey, key_id)
+            if old is None:
+                raise AccountError(f"no key with id {key_id!r}", code="key_not_found", status=404)
+            old_expiry = _utc(old.expires_at)
+            if old.revoked_at is not None or (old_expiry is not None and old_expiry <= now):
+                raise AccountError(f"key {key_id} is {'revoked' if old.revoked_at else 'expired'}; create a new key "
+                                   f"instead (`sovereign keys create`)", code="key_not_live", status=409)
+            if expires_at is None and old_expiry is not None:
+                expires_at = now + (old_expiry - _utc(old.created_at))
+            new = ApiKey(id="key_" + secrets.token_hex(8), team=old.team, name=old.name,
+                         secret_hash=hash_secret(secret), prefix=secret[:12], is_admin=old.is_admin,
+                         expires_at=expires_at, **{f: getattr(old, f) for f in LIMIT_FIELDS})
+            s.add(new)
+            old.expires_at = min(now + grace, old_expiry) if old_expiry is not None else now + grace
+            bump_generation(s)
+            s.flush()
+            out = _key_out(new)
+        return KeyCreated(**out.model_dump(), secret=secret)
 
     def ensure_bootstrap_key(self, secret: str, team: str = "admin") -> str:
         """Make `secret` a working admin key (idempotent); returns its key id."""

@@ -6,6 +6,7 @@ change counter, so every gateway replica sees it within one refresh interval (th
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
@@ -15,7 +16,8 @@ from sqlalchemy.exc import DataError, IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import errors as E
-from gateway.accounts import AccountError, Accounts, KeyCreated, KeyOut, KeySpec, TeamOut, TeamSpec, TeamUpdate
+from gateway.accounts import (AccountError, Accounts, KeyCreated, KeyOut, KeyRotation, KeySpec, TeamOut, TeamSpec,
+                              TeamUpdate)
 from gateway.directory import Directory, KeyEntry
 from gateway.request_checks import bearer
 
@@ -124,6 +126,14 @@ def build_admin_app(accounts: Accounts, directory: Directory, status: Any = None
     @app.post("/admin/keys/{key_id}/revoke", response_model=KeyOut)
     def revoke_key(key_id: str, _: Admin) -> KeyOut:
         out = accounts.revoke_key(key_id)
+        changed()
+        return out
+
+    @app.post("/admin/keys/{key_id}/rotate", response_model=KeyCreated, status_code=201)
+    def rotate_key(key_id: str, _: Admin, rotation: KeyRotation | None = None) -> KeyCreated:
+        rotation = rotation or KeyRotation()
+        out = accounts.rotate_key(key_id, grace=timedelta(seconds=rotation.grace_seconds),
+                                  expires_at=rotation.expires_at)
         changed()
         return out
 

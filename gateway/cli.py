@@ -78,7 +78,7 @@ def gateway(config: ConfigOpt = None,
 
 
 # keys ----------------------------------------------------------------------------------------------------------
-keys_app = typer.Typer(no_args_is_help=True, help="API keys: create (shown once), list, revoke.")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys: create (shown once), list, rotate, revoke.")
 
 
 @keys_app.command("create")
@@ -140,6 +140,34 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id (from `
     console.print(f"Revoked {out.id} (team {out.team}).")
 
 
+@keys_app.command("rotate")
+def keys_rotate(key_id: Annotated[str, typer.Argument(help="The key's id (from `keys list`).")],
+                grace: Annotated[str, typer.Option(help="How long the old secret keeps working: 24h, 7d, 0m.")] = "24h",
+                expires: Annotated[Optional[str], typer.Option(
+                    help="When the new key stops working (as for `keys create`); default: as long as the old key "
+                         "was meant to live, from now.")] = None,
+                config: ConfigOpt = None, database_url: DbOpt = None, as_json: JsonOpt = False) -> None:
+    """A new secret for a key (same team, name and limits); the old one keeps working for --grace, then expires."""
+    from datetime import timedelta
+
+    from gateway.accounts import KeyRotation
+
+    span = _duration(grace, "--grace")
+    rotation = _validated(KeyRotation, dict(grace_seconds=int(span.total_seconds()), expires_at=_expiry(expires)))
+    try:
+        created = _accounts(config, database_url).rotate_key(key_id, grace=timedelta(seconds=rotation.grace_seconds),
+                                                              expires_at=rotation.expires_at)
+    except SovereignError as exc:
+        _fail(exc)
+    if as_json:
+        print(created.model_dump_json())
+        return
+    until = f", valid until {created.expires_at:%Y-%m-%d %H:%M} UTC" if created.expires_at else ""
+    console.print(f"Rotated {key_id}: it stops working in {grace}. New key [bold]{created.id}[/bold] for team "
+                  f"{created.team}{until}. Store the secret now; it is not shown again:")
+    print(created.secret)
+
+
 @keys_app.command("generate")
 def keys_generate() -> None:
     """Print a fresh random secret (e.g. for SOVEREIGN_GATEWAY_BOOTSTRAP_KEY); stores nothing."""
@@ -171,16 +199,32 @@ def _policy(models, max_tokens, pii, injection, audit_content) -> dict:
     return out
 
 
+def _parse_duration(text: str):
+    import re
+    from datetime import timedelta
+
+    if m := re.fullmatch(r"\s*(\d{1,6})\s*([dhm])\s*", text):
+        return timedelta(**{{"d": "days", "h": "hours", "m": "minutes"}[m.group(2)]: int(m.group(1))})
+    return None
+
+
+def _duration(text: str, option: str):
+    """A span like 90d / 12h / 30m; refused with what it expects."""
+    span = _parse_duration(text)
+    if span is None:
+        console.print(f"[red]error[/red] (invalid_argument): {option} {text!r}: expected a duration: 90d, 12h, 30m")
+        raise typer.Exit(2)
+    return span
+
+
 def _expiry(text: str | None):
     """`--expires`: 90d / 12h / 30m from now, or an ISO 8601 time; refused with what it expects."""
-    import re
-    from datetime import UTC, datetime, timedelta
+    from datetime import UTC, datetime
 
     if text is None:
         return None
-    if m := re.fullmatch(r"\s*(\d{1,6})\s*([dhm])\s*", text):
-        unit = {"d": "days", "h": "hours", "m": "minutes"}[m.group(2)]
-        return datetime.now(UTC) + timedelta(**{unit: int(m.group(1))})
+    if (span := _parse_duration(text)) is not None:
+        return datetime.now(UTC) + span
     try:
         return datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:

@@ -244,3 +244,46 @@ def test_admin_usage_reports_what_each_team_used_from_the_audit_trail(gw):
     late = admin.get("/admin/usage", params={"since": "soon"})
     assert late.status_code == 400 and late.json()["error"]["param"] == "since"
     assert httpx.get(f"{gw.url}/admin/usage", headers={"Authorization": f"Bearer {gw.key()}"}).status_code == 403
+
+
+def test_rotating_a_key_keeps_the_old_secret_working_for_the_grace_period_only(gw):
+    from datetime import UTC, datetime, timedelta
+
+    admin = httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {gw.admin_key}"})
+    admin.post("/admin/teams", json={"name": "crm", "allowed_models": ["fake-model"]})
+    old = admin.post("/admin/keys", json={"team": "crm", "name": "crm-bot", "requests_per_minute": 50,
+                                          "expires_at": (datetime.now(UTC) + timedelta(days=30)).isoformat()}).json()
+    r = admin.post(f"/admin/keys/{old['id']}/rotate", json={"grace_seconds": 2})
+    assert r.status_code == 201
+    new = r.json()
+    assert new["id"] != old["id"] and new["secret"] != old["secret"]
+    assert (new["team"], new["name"], new["limits"]) == ("crm", "crm-bot", old["limits"])
+    # The new key lives as long as the old one was meant to, counted from now.
+    lifetime = datetime.fromisoformat(new["expires_at"]) - datetime.fromisoformat(new["created_at"])
+    assert abs(lifetime - timedelta(days=30)) < timedelta(seconds=5)
+    for secret in (old["secret"], new["secret"]):  # both work during the grace period
+        assert gw.client(secret).chat.completions.create(model="fake-model", messages=USER).choices
+    time.sleep(2.1)
+    with pytest.raises(openai.AuthenticationError, match="expired at"):
+        gw.client(old["secret"]).chat.completions.create(model="fake-model", messages=USER)
+    assert gw.client(new["secret"]).chat.completions.create(model="fake-model", messages=USER).choices
+    again = admin.post(f"/admin/keys/{old['id']}/rotate")
+    assert again.status_code == 409 and again.json()["error"]["code"] == "key_not_live"
+    assert "expired" in again.json()["error"]["message"]
+    assert admin.post("/admin/keys/key_nope/rotate").status_code == 404
+    bad = admin.post(f"/admin/keys/{new['id']}/rotate", json={"grace_seconds": -1})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "grace_seconds"
+
+
+def test_cli_rotates_a_key_and_refuses_a_bad_grace(gw, tmp_path):
+    db = ["--database-url", gw.app.config.resolved_database_url()]
+    run_sovereign(tmp_path, "teams", "create", "ops", *db)
+    old = json.loads(run_sovereign(tmp_path, "keys", "create", "--team", "ops", "--name", "job", "--json",
+                                   *db).stdout)
+    new = json.loads(run_sovereign(tmp_path, "keys", "rotate", old["id"], "--grace", "7d", "--json", *db).stdout)
+    assert new["name"] == "job" and new["expires_at"] is None  # the old key never expired: neither does the new
+    listed = {k["id"]: k for k in json.loads(run_sovereign(tmp_path, "keys", "list", "--team", "ops", "--json",
+                                                           *db).stdout)}
+    assert set(listed) == {old["id"], new["id"]} and listed[old["id"]]["expires_at"]
+    bad = run_sovereign(tmp_path, "keys", "rotate", new["id"], "--grace", "a while", *db, check=False)
+    assert bad.returncode == 2 and "--grace 'a while'" in bad.stderr
