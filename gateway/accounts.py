@@ -199,12 +199,13 @@ class Accounts:
             return _team_out(team, self._active_keys(s, name))
 
     def delete_team(self, name: str, *, force: bool = False) -> int:
-        """Delete a team; with keys it needs `force`, which deletes its keys too. Returns the keys deleted."""
+        """Delete a team and its keys; while a key still works it needs `force`. Returns the keys deleted."""
         with Session(self.engine) as s, s.begin():
             team = self._team(s, name)
             keys = s.scalars(select(ApiKey).where(ApiKey.team == name)).all()
-            if keys and not force:
-                raise AccountError(f"team {name!r} still has {len(keys)} key(s); revoke them or pass force",
+            live = self._active_keys(s, name)
+            if live and not force:
+                raise AccountError(f"team {name!r} still has {live} working key(s); revoke them or pass force",
                                    code="team_has_keys", status=409)
             for k in keys:
                 s.delete(k)

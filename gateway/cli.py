@@ -309,9 +309,10 @@ def teams_update(name: str, models: Models = None, max_tokens: MaxTok = None, pi
 
 
 @teams_app.command("delete")
-def teams_delete(name: str, force: Annotated[bool, typer.Option("--force", help="Also delete the team's keys.")]
-                 = False, config: ConfigOpt = None, database_url: DbOpt = None) -> None:
-    """Delete a team (refused while it has keys, unless --force)."""
+def teams_delete(name: str,
+                 force: Annotated[bool, typer.Option("--force", help="Also when some of its keys still work.")] = False,
+                 config: ConfigOpt = None, database_url: DbOpt = None) -> None:
+    """Delete a team and its keys (refused while one still works, unless --force)."""
     try:
         n = _accounts(config, database_url).delete_team(name, force=force)
     except SovereignError as exc:

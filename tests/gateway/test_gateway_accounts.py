@@ -66,6 +66,12 @@ def test_admin_api_validation_and_conflicts_are_clear_4xx(gw):
     r = admin.delete("/admin/teams/dup")
     assert r.status_code == 409 and r.json()["error"]["code"] == "team_has_keys"
     assert admin.delete("/admin/teams/dup", params={"force": "true"}).json()["keys_deleted"] == 1
+    # Once every key is revoked, as the refusal says, the team goes without force, its dead keys with it.
+    admin.post("/admin/teams", json={"name": "gone"})
+    key_id = admin.post("/admin/keys", json={"team": "gone"}).json()["id"]
+    assert "1 working key" in admin.delete("/admin/teams/gone").json()["error"]["message"]
+    admin.post(f"/admin/keys/{key_id}/revoke")
+    assert admin.delete("/admin/teams/gone").json() == {"deleted": "gone", "keys_deleted": 1}
 
 
 def test_keys_are_stored_only_as_hashes(gw):
