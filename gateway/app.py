@@ -156,10 +156,14 @@ def serve(config: GatewayConfig) -> None:
     app = GatewayApp(config)
     # proxy_headers off: nothing here reads the client's address, and uvicorn's X-Forwarded-* middleware cost 2-3 %
     # of the gateway's CPU per request (py-spy, 32 connections, streaming).
+    tls = {}
+    if config.tls_cert_file is not None:
+        tls = {"ssl_certfile": str(config.tls_cert_file), "ssl_keyfile": str(config.tls_key_file),
+               "ssl_keyfile_password": config.tls_key_password.get_secret_value() if config.tls_key_password else None}
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, loop="uvloop",
                                            http=_http_protocol(),
                                            lifespan="on", access_log=False, log_config=None, proxy_headers=False,
-                                           timeout_keep_alive=75, backlog=4096))
+                                           timeout_keep_alive=75, backlog=4096, **tls))
     server.run()
 
 

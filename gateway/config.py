@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, FilePath, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from gateway.finetune_config import FineTuningConfig
@@ -40,6 +40,11 @@ class GatewayConfig(YamlSettings):
     models: dict[str, list[str]] = Field(default_factory=dict)
     # https:// replicas: the CA bundle (PEM) that signed their certificates; None: the system's trust store.
     replica_ca_file: FilePath | None = None
+    # Serve HTTPS with this certificate chain and private key (PEM), for apps on other machines when nothing in front
+    # of the gateway terminates TLS; both or neither. The key file's passphrase, if any, in tls_key_password.
+    tls_cert_file: FilePath | None = None
+    tls_key_file: FilePath | None = None
+    tls_key_password: SecretStr | None = None
     timeouts: Timeouts = Field(default_factory=Timeouts)
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
     health_check_interval_s: float = Field(5.0, gt=0)
@@ -73,6 +78,23 @@ class GatewayConfig(YamlSettings):
         if v is not None and v.get_secret_value() and len(v.get_secret_value()) < 24:
             raise ValueError("bootstrap_key must be at least 24 characters (use `sovereign keys generate`)")
         return v if v is not None and v.get_secret_value() else None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> GatewayConfig:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            missing = "tls_key_file" if self.tls_key_file is None else "tls_cert_file"
+            raise ValueError(f"{missing} is missing: HTTPS needs both tls_cert_file and tls_key_file")
+        if self.tls_cert_file is not None:
+            import ssl
+
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            password = self.tls_key_password.get_secret_value() if self.tls_key_password else None
+            try:  # a certificate that does not match its key would otherwise fail only at the first connection
+                context.load_cert_chain(self.tls_cert_file, self.tls_key_file, password)
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(f"tls_cert_file {self.tls_cert_file} with tls_key_file {self.tls_key_file}: "
+                                 f"{exc}") from None
+        return self
 
     def resolved_database_url(self) -> str:
         if self.database_url:

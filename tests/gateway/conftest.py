@@ -6,10 +6,12 @@
 from __future__ import annotations
 
 import signal
+import ssl
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -93,9 +95,11 @@ class GatewayProcess:
     admin_key: str
     proc: "subprocess.Popen"
     log_path: Path
+    verify: Any = True  # an SSLContext trusting the gateway's certificate when it serves HTTPS
 
     def admin(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.admin_key}"}, timeout=30)
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.admin_key}"}, timeout=30,
+                            verify=self.verify)
 
     def make_key(self, team: str, **policy) -> str:
         """Create `team` (if new) with `policy` and a key on it through the admin API; returns the secret."""
@@ -107,6 +111,8 @@ class GatewayProcess:
             return r.json()["secret"]
 
     def client(self, key: str, **kw) -> OpenAI:
+        if self.verify is not True:
+            kw.setdefault("http_client", httpx.Client(verify=self.verify))
         return OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=kw.pop("timeout", 300), **kw)
 
     def log_tail(self, n: int = 40) -> str:
@@ -128,8 +134,9 @@ def write_gateway_config(path: Path, **fields) -> Path:
 
 
 def start_gateway_process(config: Path, home: Path, *, bootstrap_key: str | None = None,
-                          timeout: float = 60, name: str = "gateway") -> GatewayProcess:
-    """`sovereign gateway --config config` as a real subprocess on a free port; waits until /healthz answers."""
+                          timeout: float = 60, name: str = "gateway", tls_ca: Path | None = None) -> GatewayProcess:
+    """`sovereign gateway --config config` as a real subprocess on a free port; waits until /healthz answers (over
+    HTTPS, trusting `tls_ca`, when the config serves TLS)."""
     from tests.conftest import REPO, free_port, sovereign_cmd
 
     port = free_port()
@@ -141,13 +148,14 @@ def start_gateway_process(config: Path, home: Path, *, bootstrap_key: str | None
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(sovereign_cmd("gateway", "--config", str(config), "--port", str(port)), env=env,
                                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
-    handle = GatewayProcess(f"http://127.0.0.1:{port}", key, proc, log_path)
+    verify = ssl.create_default_context(cafile=str(tls_ca)) if tls_ca else True
+    handle = GatewayProcess(f"{'https' if tls_ca else 'http'}://127.0.0.1:{port}", key, proc, log_path, verify)
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
             raise AssertionError(f"gateway exited with {proc.returncode}:\n{handle.log_tail()}")
         try:
-            if httpx.get(f"{handle.url}/healthz", timeout=2).status_code == 200:
+            if httpx.get(f"{handle.url}/healthz", timeout=2, verify=verify).status_code == 200:
                 return handle
         except httpx.HTTPError:
             pass
