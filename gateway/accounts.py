@@ -116,7 +116,6 @@ class KeySpec(Limits):
         return _no_nul(v.strip())
 
 
-
 class KeyOut(BaseModel):
     id: str
     team: str
