@@ -84,7 +84,7 @@ def register_audit(app: typer.Typer) -> None:
 
         from gateway.audit import AuditError
         from gateway.audit_read import parse_time
-        from gateway.audit_usage import usage
+        from gateway.audit_usage import total, usage
 
         groups = [g.strip() for g in by.split(",") if g.strip()]
         try:
@@ -105,8 +105,7 @@ def register_audit(app: typer.Typer) -> None:
         for r in rows:
             table.add_row(*("" if v is None else str(v) for v in r.group.values()), *_counts(r))
         if len(rows) > 1:
-            total = _total(rows)
-            table.add_row(*(["total"] + [""] * (len(groups) - 1)), *_counts(total), style="bold")
+            table.add_row(*(["total"] + [""] * (len(groups) - 1)), *_counts(total(rows)), style="bold")
         table_console().print(table)
 
     app.add_typer(audit, name="audit")
@@ -114,15 +113,3 @@ def register_audit(app: typer.Typer) -> None:
 
 def _counts(u) -> list[str]:
     return [f"{n:,}" for n in (u.requests, u.errors, u.prompt_tokens, u.completion_tokens, u.total_tokens)]
-
-
-def _total(rows):
-    from gateway.audit_usage import Usage
-
-    total = Usage({})
-    for r in rows:
-        total.requests += r.requests
-        total.errors += r.errors
-        total.prompt_tokens += r.prompt_tokens
-        total.completion_tokens += r.completion_tokens
-    return total

@@ -35,6 +35,19 @@ class Usage:
     def as_dict(self) -> dict:
         return {**asdict(self), "total_tokens": self.total_tokens}
 
+    def add(self, requests: int, errors: int, prompt_tokens: int, completion_tokens: int) -> None:
+        self.requests += requests
+        self.errors += errors
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+
+
+def total(rows: list[Usage]) -> Usage:
+    out = Usage({})
+    for r in rows:
+        out.add(r.requests, r.errors, r.prompt_tokens, r.completion_tokens)
+    return out
+
 
 def usage(db_url: str, by: list[str], since: float | None = None, until: float | None = None) -> list[Usage]:
     """Sums over records with since <= ts < until, one row per distinct value of the `by` groupings (none: one row),
@@ -70,11 +83,7 @@ def usage(db_url: str, by: list[str], since: float | None = None, until: float |
         key = tuple(_label(g, v) for g, v in zip(by, row[:len(by)]))
         if not row[len(by)]:
             continue  # no records at all: SQL's one row of an ungrouped count
-        u = merged.setdefault(key, Usage(dict(zip(by, key))))
-        u.requests += int(row[len(by)])
-        u.errors += int(row[len(by) + 1] or 0)
-        u.prompt_tokens += int(row[len(by) + 2] or 0)
-        u.completion_tokens += int(row[len(by) + 3] or 0)
+        merged.setdefault(key, Usage(dict(zip(by, key)))).add(*(int(n or 0) for n in row[len(by):]))
     return [merged[k] for k in sorted(merged, key=lambda k: tuple((v is None, str(v)) for v in k))]
 
 

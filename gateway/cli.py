@@ -99,13 +99,18 @@ def keys_create(team: Annotated[str, typer.Option(help="The team that owns the k
         created = _accounts(config, database_url).create_key(spec)
     except SovereignError as exc:
         _fail(exc)
+    _print_created(created, "Created", as_json)
+
+
+def _print_created(created, what: str, as_json: bool) -> None:
+    """A new key's secret on stdout (shown this once), what happened on stderr."""
     if as_json:
         print(created.model_dump_json())
-    else:
-        until = f", valid until {created.expires_at:%Y-%m-%d %H:%M} UTC" if created.expires_at else ""
-        console.print(f"Created key [bold]{created.id}[/bold] for team {created.team}{until}. Store the secret now; "
-                      f"it is not shown again:")
-        print(created.secret)
+        return
+    until = f", valid until {created.expires_at:%Y-%m-%d %H:%M} UTC" if created.expires_at else ""
+    console.print(f"{what} key [bold]{created.id}[/bold] for team {created.team}{until}. Store the secret now; it is "
+                  f"not shown again:")
+    print(created.secret)
 
 
 @keys_app.command("list")
@@ -159,13 +164,7 @@ def keys_rotate(key_id: Annotated[str, typer.Argument(help="The key's id (from `
                                                               expires_at=rotation.expires_at)
     except SovereignError as exc:
         _fail(exc)
-    if as_json:
-        print(created.model_dump_json())
-        return
-    until = f", valid until {created.expires_at:%Y-%m-%d %H:%M} UTC" if created.expires_at else ""
-    console.print(f"Rotated {key_id}: it stops working in {grace}. New key [bold]{created.id}[/bold] for team "
-                  f"{created.team}{until}. Store the secret now; it is not shown again:")
-    print(created.secret)
+    _print_created(created, f"Rotated {key_id}: it stops working in {grace}. New", as_json)
 
 
 @keys_app.command("generate")
