@@ -360,7 +360,8 @@ def test_verify_an_empty_or_missing_trail(sqlite_url, tmp_path):  # noqa: F811
     assert verify(sqlite_url).ok and verify(sqlite_url).count == 0
 
 
-def test_audit_cli_verify_and_export(sqlite_url, tmp_path):  # noqa: F811
+def audit_app():
+    """`sovereign audit ...` as the root app registers it."""
     import typer
 
     from gateway.audit_cli import register_audit
@@ -372,6 +373,11 @@ def test_audit_cli_verify_and_export(sqlite_url, tmp_path):  # noqa: F811
         pass
 
     register_audit(app)
+    return app
+
+
+def test_audit_cli_verify_and_export(sqlite_url, tmp_path):  # noqa: F811
+    app = audit_app()
     runner = CliRunner()
     append_many(sqlite_url, 12)
     ok = runner.invoke(app, ["audit", "verify", "--database-url", sqlite_url])
@@ -525,17 +531,7 @@ def test_usage_sums_requests_errors_and_tokens_per_team_model_day_and_month(db_u
 
 
 def test_audit_cli_usage_prints_a_table_with_a_total_json_and_clear_refusals(sqlite_url):  # noqa: F811
-    import typer
-
-    from gateway.audit_cli import register_audit
-
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        pass
-
-    register_audit(app)
+    app = audit_app()
     runner = CliRunner()
     append_many(sqlite_url, 4)  # team sales; prompt 10..13, completion 0..3
     table = runner.invoke(app, ["audit", "usage", "--by", "team,adapter", "--database-url", sqlite_url])
