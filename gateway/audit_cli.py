@@ -102,6 +102,7 @@ def register_audit(app: typer.Typer) -> None:
         table = Table(*groups)
         for name in ("requests", "errors", "prompt tokens", "completion tokens", "total tokens"):
             table.add_column(name, justify="right")
+        table.add_column("last request (UTC)")
         for r in rows:
             table.add_row(*("" if v is None else str(v) for v in r.group.values()), *_counts(r))
         if len(rows) > 1:
@@ -112,4 +113,7 @@ def register_audit(app: typer.Typer) -> None:
 
 
 def _counts(u) -> list[str]:
-    return [f"{n:,}" for n in (u.requests, u.errors, u.prompt_tokens, u.completion_tokens, u.total_tokens)]
+    from datetime import UTC, datetime
+
+    last = datetime.fromtimestamp(u.last_request_at, UTC).strftime("%Y-%m-%d %H:%M") if u.last_request_at else ""
+    return [f"{n:,}" for n in (u.requests, u.errors, u.prompt_tokens, u.completion_tokens, u.total_tokens)] + [last]

@@ -27,25 +27,31 @@ class Usage:
     errors: int = 0  # status 400 and above: refusals, upstream failures, clients that hung up (499)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    last_request_at: float | None = None  # unix seconds: `--by key` says which keys nobody uses any more
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "total_tokens": self.total_tokens}
+        last = self.last_request_at
+        return {**asdict(self), "total_tokens": self.total_tokens,
+                "last_request_at": datetime.fromtimestamp(last, UTC).isoformat() if last is not None else None}
 
-    def add(self, requests: int, errors: int, prompt_tokens: int, completion_tokens: int) -> None:
+    def add(self, requests: int, errors: int, prompt_tokens: int, completion_tokens: int,
+            last_request_at: float | None) -> None:
         self.requests += requests
         self.errors += errors
         self.prompt_tokens += prompt_tokens
         self.completion_tokens += completion_tokens
+        if last_request_at is not None and (self.last_request_at is None or last_request_at > self.last_request_at):
+            self.last_request_at = last_request_at
 
 
 def total(rows: list[Usage]) -> Usage:
     out = Usage({})
     for r in rows:
-        out.add(r.requests, r.errors, r.prompt_tokens, r.completion_tokens)
+        out.add(r.requests, r.errors, r.prompt_tokens, r.completion_tokens, r.last_request_at)
     return out
 
 
@@ -67,7 +73,7 @@ def usage(db_url: str, by: list[str], since: float | None = None, until: float |
         cols = [(day if g == "day" else _COLUMNS[g]).label(f"g{i}") for i, g in enumerate(sql_groups)]
         errors = sa.func.sum(sa.case((audit_log.c.status >= 400, 1), else_=0))
         q = sa.select(*cols, sa.func.count(), errors, sa.func.sum(audit_log.c.prompt_tokens),
-                      sa.func.sum(audit_log.c.completion_tokens))
+                      sa.func.sum(audit_log.c.completion_tokens), sa.func.max(audit_log.c.ts))
         if since is not None:
             q = q.where(audit_log.c.ts >= since)
         if until is not None:
@@ -83,7 +89,9 @@ def usage(db_url: str, by: list[str], since: float | None = None, until: float |
         key = tuple(_label(g, v) for g, v in zip(by, row[:len(by)]))
         if not row[len(by)]:
             continue  # no records at all: SQL's one row of an ungrouped count
-        merged.setdefault(key, Usage(dict(zip(by, key)))).add(*(int(n or 0) for n in row[len(by):]))
+        *counts, last = row[len(by):]
+        merged.setdefault(key, Usage(dict(zip(by, key)))).add(*(int(n or 0) for n in counts),
+                                                               float(last) if last is not None else None)
     return [merged[k] for k in sorted(merged, key=lambda k: tuple((v is None, str(v)) for v in k))]
 
 

@@ -528,18 +528,26 @@ def test_usage_sums_requests_errors_and_tokens_per_team_model_day_and_month(db_u
     assert [(u.group["model"], u.requests) for u in december] == [("SmolLM2-135M-Instruct", 2)]
     assert [u.requests for u in usage(db_url, [])] == [5]
     assert usage(db_url, [], since=at("2027-01-01T00:00:00")) == []
+    by_key = {u.group["key"]: u for u in usage(db_url, ["key"])}  # which key was used last, and when
+    assert by_key["key-1"].last_request_at == at("2026-12-02T09:00:00")
+    assert by_key["key-1"].as_dict()["last_request_at"] == "2026-12-02T09:00:00+00:00"
 
 
 def test_audit_cli_usage_prints_a_table_with_a_total_json_and_clear_refusals(sqlite_url):  # noqa: F811
+    from datetime import datetime
+
     app = audit_app()
     runner = CliRunner()
     append_many(sqlite_url, 4)  # team sales; prompt 10..13, completion 0..3
     table = runner.invoke(app, ["audit", "usage", "--by", "team,adapter", "--database-url", sqlite_url])
     assert table.exit_code == 0 and "support@3" in table.output and "total" in table.output
     assert "52" in table.output  # the total tokens of all four: 46 prompt + 6 completion
+    before = time.time()
     rows = json.loads(runner.invoke(app, ["audit", "usage", "--json", "--database-url", sqlite_url]).output)
+    last = rows[0].pop("last_request_at")
     assert rows == [{"group": {"team": "sales"}, "requests": 4, "errors": 0, "prompt_tokens": 46,
                      "completion_tokens": 6, "total_tokens": 52}]
+    assert before - 60 < datetime.fromisoformat(last).timestamp() <= before
     bad = runner.invoke(app, ["audit", "usage", "--by", "teams", "--database-url", sqlite_url])
     assert bad.exit_code == 2 and "invalid_group" in bad.output and "team, key, model" in bad.output
     until = runner.invoke(app, ["audit", "usage", "--until", "tomorrow", "--database-url", sqlite_url])
