@@ -110,8 +110,10 @@ class Directory:
         entry = self._keys.get(hash_secret(secret)) if secret else None
         if entry is not None and entry.expires_at is not None:
             when = datetime.fromtimestamp(entry.expires_at, UTC).isoformat(timespec="seconds")
-            return E.invalid_api_key(f"This API key ({entry.id}) expired at {when}; ask an administrator for a new "
-                                     f"one (`sovereign keys create`).")
+            refused = E.invalid_api_key(f"This API key ({entry.id}) expired at {when}; ask an administrator for a new "
+                                        f"one (`sovereign keys create`).")
+            refused.expired_key = entry  # the request path audits the attempt under its key and team
+            return refused
         return E.invalid_api_key()
 
     def reload_if_changed(self) -> bool:

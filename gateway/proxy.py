@@ -154,6 +154,10 @@ class Proxy:
                 self.inflight -= 1
         except E.GatewayError as exc:
             ex.status = exc.status
+            if ex.entry is None and (expired := getattr(exc, "expired_key", None)) is not None:
+                # Audited, counted and logged under its key and team: after a rotation, which app still calls with
+                # the old key is then in the trail, the metrics and the access log.
+                ex.entry = expired
             blocked = getattr(exc, "decisions", None)
             if blocked and ex.entry is not None:
                 ex.decisions.update(blocked)

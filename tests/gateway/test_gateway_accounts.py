@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import time
 
 import httpx
@@ -181,6 +183,16 @@ def test_a_key_that_expires_stops_working_everywhere_and_says_when(gw):
     assert soon.strftime("%Y-%m-%dT%H:%M:%S") in message and "sovereign keys create" in message
     with pytest.raises(openai.AuthenticationError, match="expired at"):
         client.files.list()  # the FastAPI-served /v1 endpoints say the same
+    # Who still calls with the expired key is in the audit trail and the metrics, under its key and team.
+    from gateway.audit_read import export
+
+    out = io.StringIO()
+    export(gw.app.config.resolved_database_url(), out)
+    attempts = [json.loads(line) for line in out.getvalue().splitlines()]
+    attempt = [r for r in attempts if r["key_id"] == created["id"] and r["status"] == 401]
+    assert len(attempt) == 1 and attempt[0]["team"] == "pilot" and attempt[0]["policy"]["error"] == "invalid_api_key"
+    metrics = httpx.get(f"{gw.url}/metrics").text
+    assert re.search(r'requests_total\{(?=[^}]*team="pilot")(?=[^}]*status="401")[^}]*\} 1\.0', metrics)
     assert admin.get("/admin/keys", params={"team": "pilot"}).json() == []  # live keys only
     listed = admin.get("/admin/keys", params={"team": "pilot", "include_revoked": "true"}).json()
     assert [k["id"] for k in listed] == [created["id"]] and listed[0]["revoked_at"] is None
