@@ -18,8 +18,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gateway import errors as E
 from gateway.accounts import (AccountError, Accounts, KeyCreated, KeyOut, KeyRotation, KeySpec, TeamOut, TeamSpec,
                               TeamUpdate)
+from gateway.caller import authenticate
 from gateway.directory import Directory, KeyEntry
-from gateway.request_checks import bearer
 
 
 def _error(status: int, message: str, type_: str, code: str | None, param: str | None = None) -> JSONResponse:
@@ -28,10 +28,7 @@ def _error(status: int, message: str, type_: str, code: str | None, param: str |
 
 
 def require_admin(request: Request) -> KeyEntry:
-    secret = bearer(request.scope)
-    entry = request.app.state.directory.lookup(secret) if secret else None
-    if entry is None:
-        raise request.app.state.directory.refusal(secret)
+    entry = authenticate(request.scope, request.app.state.directory)
     if not entry.is_admin:
         raise E.admin_required()
     return entry

@@ -12,18 +12,18 @@ from gateway.directory import Directory, KeyEntry
 from gateway.request_checks import bearer
 
 
-def key_entry(scope: dict, directory: Directory) -> KeyEntry | None:
-    """The live key a request carries, None without one. Reads headers only, so it may run before the body."""
+def authenticate(scope: dict, directory: Directory) -> KeyEntry:
+    """The live key a request carries, or the 401 that says why there is none (missing, unknown, expired). Reads
+    headers only, so it may run before the body."""
     secret = bearer(scope)
-    return directory.lookup(secret) if secret else None
+    entry = directory.lookup(secret) if secret else None
+    if entry is None:
+        raise directory.refusal(secret)
+    return entry
 
 
 def require_key(request: Request) -> KeyEntry:
-    directory = request.app.state.directory
-    entry = key_entry(request.scope, directory)
-    if entry is None:
-        raise directory.refusal(bearer(request.scope))
-    return entry
+    return authenticate(request.scope, request.app.state.directory)
 
 
 Caller = Annotated[KeyEntry, Depends(require_key)]

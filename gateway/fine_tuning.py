@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import errors as E
-from gateway.caller import key_entry
+from gateway.caller import authenticate
 from gateway.config import GatewayConfig
 from gateway.directory import Directory
 from gateway.file_store import FileStore
@@ -29,7 +29,7 @@ from gateway.files_api import build_files_router
 from gateway.job_runner import JobRunner, LocalLauncher
 from gateway.job_store import TERMINAL, JobStore
 from gateway.jobs_api import build_jobs_router
-from gateway.request_checks import bearer, content_length
+from gateway.request_checks import content_length
 from sovereign.formats import JobRecord
 from sovereign.settings import HomeSettings
 
@@ -145,8 +145,11 @@ class _Guard:
 
     def _refusal(self, exchange: _Exchange) -> E.GatewayError | None:
         """What can be refused on the headers alone."""
-        if exchange.scope["method"] == "POST" and key_entry(exchange.scope, self.directory) is None:
-            return self.directory.refusal(bearer(exchange.scope))
+        if exchange.scope["method"] == "POST":
+            try:
+                authenticate(exchange.scope, self.directory)
+            except E.GatewayError as refused:
+                return refused
         length = content_length(exchange.scope)
         return exchange.too_large if length is not None and length > exchange.limit else None
 
