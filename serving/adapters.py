@@ -123,9 +123,9 @@ class AdapterRegistry:
         return max(matches, key=lambda a: version_order(a.manifest.version))
 
     def next_version(self, name: str) -> str:
-        versions = [a.manifest.version for a in self.list() if a.manifest.name == name]
-        nums = [int(v[1:]) for v in versions if re.fullmatch(r"v\d+", v)]
-        return f"v{max(nums, default=0) + 1}"
+        # After every numbered version, vN or bare N alike, so the new one is the newest by version_order.
+        keys = [version_order(a.manifest.version) for a in self.list() if a.manifest.name == name]
+        return f"v{max((int(n) for numbered, n in keys if numbered), default=0) + 1}"
 
     def publish(self, source: Path, name: str, base: ModelManifest, *, version: str | None = None,
                 max_lora_rank: int | None = None, origin: dict | None = None, metrics: dict | None = None,

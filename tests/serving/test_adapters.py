@@ -42,6 +42,8 @@ def test_the_newest_version_is_the_one_a_bare_name_calls_at_the_gateway(tmp_path
     for version in ("v9", "rc1", "12", "v10"):
         reg.publish(lora, "support", base, version=version)
     assert reg.get("support").served_name == "support@12"
+    assert reg.publish(lora, "support", base).served_name == "support@v13"  # numbered after 12: the newest
+    assert reg.get("support").served_name == "support@v13"
     assert sorted(["v9", "rc1", "12", "v10", "2"], key=version_order) == ["rc1", "2", "v9", "v10", "12"]
 
 
