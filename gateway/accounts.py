@@ -149,10 +149,10 @@ def _team_out(t: Team, active_keys: int = 0) -> TeamOut:
 def _key_out(k: ApiKey) -> KeyOut:
     return KeyOut(id=k.id, team=k.team, name=k.name, prefix=k.prefix, is_admin=k.is_admin,
                   limits=Limits(**{f: getattr(k, f) for f in LIMIT_FIELDS}), created_at=k.created_at,
-                  revoked_at=k.revoked_at, expires_at=_utc(k.expires_at))
+                  revoked_at=k.revoked_at, expires_at=as_utc(k.expires_at))
 
 
-def _utc(t: datetime | None) -> datetime | None:
+def as_utc(t: datetime | None) -> datetime | None:
     """SQLite hands back a stored time without its zone; every time here is UTC."""
     return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
 
@@ -261,12 +261,12 @@ class Accounts:
             old = s.get(ApiKey, key_id)
             if old is None:
                 raise AccountError(f"no key with id {key_id!r}", code="key_not_found", status=404)
-            old_expiry = _utc(old.expires_at)
+            old_expiry = as_utc(old.expires_at)
             if old.revoked_at is not None or (old_expiry is not None and old_expiry <= now):
                 raise AccountError(f"key {key_id} is {'revoked' if old.revoked_at else 'expired'}; create a new key "
                                    f"instead (`sovereign keys create`)", code="key_not_live", status=409)
             if expires_at is None and old_expiry is not None:
-                expires_at = now + (old_expiry - _utc(old.created_at))
+                expires_at = now + (old_expiry - as_utc(old.created_at))
             new = ApiKey(id="key_" + secrets.token_hex(8), team=old.team, name=old.name,
                          secret_hash=hash_secret(secret), prefix=secret[:12], is_admin=old.is_admin,
                          expires_at=expires_at, **{f: getattr(old, f) for f in LIMIT_FIELDS})

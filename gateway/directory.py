@@ -22,7 +22,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from gateway import errors as E
-from gateway.accounts import LIMIT_FIELDS, hash_secret
+from gateway.accounts import LIMIT_FIELDS, as_utc, hash_secret
 from gateway.background import cancel_and_wait
 from gateway.db import ApiKey, Team, read_generation
 
@@ -70,10 +70,6 @@ class KeyEntry:
     expires_at: float | None = None  # unix seconds
 
 
-def _epoch(t: datetime | None) -> float | None:
-    if t is None:
-        return None
-    return (t if t.tzinfo is not None else t.replace(tzinfo=UTC)).timestamp()  # SQLite returns UTC without a zone
 
 
 def _limits(row: Any) -> Limits:
@@ -139,8 +135,9 @@ class Directory:
                 team = teams.get(k.team)
                 if team is None:
                     continue
+                expires = as_utc(k.expires_at)
                 entry = KeyEntry(id=k.id, secret_hash=k.secret_hash, team=team, is_admin=k.is_admin,
-                                 limits=_limits(k), expires_at=_epoch(k.expires_at))
+                                 limits=_limits(k), expires_at=expires.timestamp() if expires else None)
                 if self._subjects is not None:
                     entry.quota_subjects = self._subjects(entry)
                 keys[k.secret_hash] = entry
