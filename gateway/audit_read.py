@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -160,10 +161,7 @@ def export(db_url: str, out: str | Path | IO[str], since: float | str | datetime
     A path is written to a temp file and renamed, so a failed export never leaves half a file.
     """
     since_ts = parse_time(since)
-    engine = make_engine(db_url, writer=False)
-    try:
-        if not sa.inspect(engine).has_table("audit_log"):
-            raise AuditError("no audit trail in this database (table audit_log missing)", code="audit_not_found")
+    with trail_reader(db_url) as engine:
         if isinstance(out, (str, Path)):
             target = Path(out)
             tmp = target.with_name(f".{target.name}.tmp")
@@ -173,6 +171,16 @@ def export(db_url: str, out: str | Path | IO[str], since: float | str | datetime
             tmp.replace(target)
             return n
         return _export_to(engine, out, since_ts)
+
+
+@contextmanager
+def trail_reader(db_url: str) -> Iterator[sa.Engine]:
+    """A read-only engine on the audit trail at `db_url`, disposed afterwards; audit_not_found where there is none."""
+    engine = make_engine(db_url, writer=False)
+    try:
+        if not sa.inspect(engine).has_table("audit_log"):
+            raise AuditError("no audit trail in this database (table audit_log missing)", code="audit_not_found")
+        yield engine
     finally:
         engine.dispose()
 

@@ -12,7 +12,8 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
-from gateway.audit import AuditError, audit_log, make_engine
+from gateway.audit import AuditError, audit_log
+from gateway.audit_read import trail_reader
 
 GROUPS = ("team", "key", "model", "adapter", "status", "day", "month")
 _COLUMNS = {"team": audit_log.c.team, "key": audit_log.c.key_id, "model": audit_log.c.model,
@@ -62,10 +63,7 @@ def usage(db_url: str, by: list[str], since: float | None = None, until: float |
     if unknown or len(set(by)) != len(by):
         raise AuditError(f"--by {','.join(by)}: group by one or more of {', '.join(GROUPS)}, each once",
                          code="invalid_group")
-    engine = make_engine(db_url, writer=False)
-    try:
-        if not sa.inspect(engine).has_table("audit_log"):
-            raise AuditError("no audit trail in this database (table audit_log missing)", code="audit_not_found")
+    with trail_reader(db_url) as engine:
         # Months are days summed here: the SQL stays the same on SQLite and PostgreSQL, and a year is 365 rows a group.
         sql_groups = ["day" if g == "month" else g for g in by]
         day = (sa.func.floor(audit_log.c.ts / _DAY_S) if engine.dialect.name == "postgresql"
@@ -82,8 +80,6 @@ def usage(db_url: str, by: list[str], since: float | None = None, until: float |
             q = q.group_by(*cols)
         with engine.connect() as conn:
             rows = conn.execute(q).all()
-    finally:
-        engine.dispose()
     merged: dict[tuple, Usage] = {}
     for row in rows:
         key = tuple(_label(g, v) for g, v in zip(by, row[:len(by)]))
