@@ -49,7 +49,7 @@ class GatewayApp:
                              probe_timeout_s=config.timeouts.connect + 5)
         self.proxy = Proxy(config, self.directory, self.router, self.metrics)
         self.admin = build_admin_app(self.accounts, self.directory, self.status,
-                                     audit_url=config.audit_database_url or config.resolved_database_url())
+                                     audit_url=config.resolved_audit_url())
         self.fine_tuning = FineTuning(config, self.directory, lambda: list(self.router.pools),
                                       on_succeeded=self._discover_adapter)
         self.proxy.owner = self.fine_tuning.owner  # adapters made by fine-tune jobs belong to their team
@@ -68,8 +68,7 @@ class GatewayApp:
                                              self.config.bootstrap_key.get_secret_value())
             log.info("bootstrap admin key ready", extra={"key_id": key_id})
         self.quotas = make_quota_store(self.config.redis_url)
-        self.audit = await asyncio.to_thread(open_audit_log, self.config.audit_database_url
-                                             or self.config.resolved_database_url())
+        self.audit = await asyncio.to_thread(open_audit_log, self.config.resolved_audit_url())
         self.proxy.quotas, self.proxy.audit = self.quotas, self.audit
         await self.directory.start()
         await self.proxy.start()

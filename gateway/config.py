@@ -96,6 +96,9 @@ class GatewayConfig(YamlSettings):
                                  f"{exc}") from None
         return self
 
+    def resolved_audit_url(self) -> str:
+        return self.audit_database_url or self.resolved_database_url()
+
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url
