@@ -2,8 +2,9 @@
 
 `sovereign up` runs the gateway under it, as the serving supervisor keeps vLLM running: on one machine nothing else
 brings the only door back after a crash or the OOM killer (Kubernetes restarts the gateway's pod itself). A command
-that dies within `FIRST_START_S` of its first start is not restarted: a bad config or a busy port will not heal, and
-`up` reports the exit instead of waiting on a restart loop.
+that exits within `FIRST_START_S` of its first start is not restarted: a bad config or a busy port will not heal, and
+`up` reports the exit instead of waiting on a restart loop. One killed by a signal then (SIGKILL, the OOM killer) is
+restarted like any later crash: it exited with no status of its own, so nothing says it would fail again.
 
 With `--log FILE` the command's output goes to FILE, rotated (`sovereign.logs.rotating_log`: 64 MB, 4 older files kept,
 FILE.1 the newest): the gateway's access log is a line per request, ~300 bytes, so a busy single-machine platform
@@ -63,7 +64,7 @@ def run(argv: list[str], log_file: str | None = None, max_bytes: int = LOG_MAX_B
         ran = time.monotonic() - started
         if copier is not None:  # its last lines; a grandchild still holding the pipe does not hold us up
             copier.join(timeout=5)
-        if stopping or (first and ran < FIRST_START_S):
+        if stopping or (first and ran < FIRST_START_S and code >= 0):
             return code if code >= 0 else 128 - code
         first = False
         backoff = BACKOFF_S if ran >= HEALTHY_S else backoff

@@ -55,6 +55,20 @@ def test_a_command_that_fails_at_its_first_start_is_not_restarted(tmp_path):
     assert starts.read_text() == "1\n"
 
 
+def test_a_command_killed_by_a_signal_at_its_first_start_is_restarted(tmp_path):
+    """A config error exits with a status; SIGKILL or the OOM killer right after start is a crash, and heals."""
+    starts = tmp_path / "starts"
+    keeper = _keepalive(sys.executable, "-c", SLEEPER, str(starts))
+    try:
+        first = _pids(starts, 1)[0]
+        os.kill(first, signal.SIGKILL)  # well inside the first-start window
+        second = _pids(starts, 2)[1]
+        assert second != first and psutil.pid_exists(second)
+        assert keeper.poll() is None
+    finally:
+        os.killpg(keeper.pid, signal.SIGKILL)
+
+
 def test_the_log_is_rotated_in_whole_lines_and_keeps_the_newest(tmp_path):
     """`up` runs each part with --log: a busy gateway's access log must not grow without bound."""
     log = tmp_path / "gateway.log"
