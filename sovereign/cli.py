@@ -14,9 +14,10 @@ def build_app() -> typer.Typer:
     from finetune.cli import register as register_finetune
     from gateway.cli import register as register_gateway
     from serving.cli import register as register_serving
+    from sovereign.pii_cli import register as register_pii
     from sovereign.up import register as register_up
 
-    for register in (register_serving, register_gateway, register_finetune, register_up):
+    for register in (register_serving, register_gateway, register_finetune, register_pii, register_up):
         register(app)
     return app
 
