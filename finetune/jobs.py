@@ -212,7 +212,8 @@ class Pipeline:
         validation = self.config.data.validation_file
         return (report.get("options") == PrepareOptions.from_config(self.config).model_dump(mode="json")
                 and report.get("model") == self.config.model
-                and inputs.get("validation") == (sha256_file(Path(validation)) if validation else None))
+                and inputs.get("validation") == (sha256_file(Path(validation)) if validation else None)
+                and not _pii_rules_changed(report))
 
     def train(self, prepared: Path):
         from finetune.train import train
@@ -607,3 +608,17 @@ def create_local_job(config: FinetuneConfig, config_path: Path | None, home: Hom
                        config_path=str(config_path) if config_path else None)
     record.write(job_dir / JOB_RECORD)
     return job_dir
+
+
+def _pii_rules_changed(report: dict[str, Any]) -> bool:
+    """Scrubbed under another version of the organisation's PII rules (a kind added since would not be hidden)."""
+    if not (report.get("scrub") or {}).get("enabled"):
+        return False
+    from sovereign.pii_rules import rules_path
+
+    try:
+        path = rules_path()
+    except SovereignError:
+        return True  # prepare names the problem
+    now = sha256_file(path) if path is not None else None
+    return (report.get("pii_rules") or {}).get("sha256") != now

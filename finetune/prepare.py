@@ -30,8 +30,11 @@ from finetune.intake import Format, Intake, Row, read_file, where
 from finetune.problems import DataInvalid, Problem, count_by_code, summarize
 from finetune.scrub import ScrubReport, scrub_rows
 from finetune.validate import TokenCheck, TokenStats, load_encoder, validate_structure, validate_tokens
+from sovereign.errors import ConfigError
 from sovereign.formats import MODEL_MANIFEST, ModelManifest, sha256_file, write_json_atomic
 from sovereign.pii import redact
+from sovereign.pii_rules import PiiRules
+from sovereign.pii_rules import install as install_pii_rules
 
 TRAIN_FILE = "train.jsonl"
 VAL_FILE = "val.jsonl"
@@ -92,6 +95,7 @@ class PrepareReport(BaseModel):
     problems_by_code: dict[str, int] = Field(default_factory=dict)
     dropped: list[dict[str, Any]] = Field(default_factory=list)  # {"file", "line", "codes"} under on_invalid: drop
     scrub: ScrubReport | None = None
+    pii_rules: PiiRules | None = None  # the organisation's own kinds the scrub found too (file, sha256, kinds)
     dedup: DedupReport | None = None
     split: dict[str, Any] = Field(default_factory=dict)
     outputs: dict[str, OutputFile] = Field(default_factory=dict)
@@ -231,6 +235,14 @@ def _refuse_pii(run: _Run, part: ScrubReport, file: str) -> None:
                       problems)
 
 
+def _install_pii_rules() -> PiiRules:
+    """The rules file the gateway loads too, so that scrubbing hides what pii=redact hides."""
+    try:
+        return install_pii_rules()
+    except ConfigError as exc:
+        raise FinetuneError(f"the organisation's PII rules cannot be used: {exc}", code="pii_rules_invalid") from None
+
+
 def _stages(run: _Run, train_path: Path, validation_path: Path | None,
             model_dir: Path) -> tuple[list[Row], list[Row]]:
     opts, report, hooks = run.options, run.report, run.hooks
@@ -241,6 +253,7 @@ def _stages(run: _Run, train_path: Path, validation_path: Path | None,
     report.stages["valid_structure"] = sum(len(rows) for rows in sets.values())
 
     if opts.scrub_pii or opts.refuse_pii:
+        report.pii_rules = _install_pii_rules()
         total = ScrubReport()
         for name, rows in sets.items():
             scrubbed, part = scrub_rows(rows, hooks.stage(f"scrubbing PII ({name})", len(rows)))

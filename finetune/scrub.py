@@ -14,12 +14,12 @@ from pydantic import BaseModel, Field
 
 from finetune.errors import FinetuneError
 from finetune.intake import Row
-from sovereign.pii import KINDS, contains_pii, redact
+from sovereign.pii import contains_pii, kinds, redact
 
 
 class ScrubReport(BaseModel):
     enabled: bool = True
-    counts: dict[str, int] = Field(default_factory=lambda: dict.fromkeys(KINDS, 0))  # placeholders inserted, by kind
+    counts: dict[str, int] = Field(default_factory=lambda: dict.fromkeys(kinds(), 0))  # placeholders inserted, by kind
     rows_changed: int = 0
     messages_changed: int = 0
     changed_lines: list[int] = Field(default_factory=list)

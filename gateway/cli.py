@@ -68,12 +68,18 @@ def gateway(config: ConfigOpt = None,
     from gateway.config import load_gateway_config
     from sovereign.logs import setup_json_logging
 
+    from sovereign.pii_rules import install as install_pii_rules
+
     overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     try:
         cfg = load_gateway_config(config or "default", **overrides)
+        rules = install_pii_rules()  # the organisation's own kinds, for every team's pii=redact|block
     except SovereignError as exc:
         _fail(exc)
     setup_json_logging(getattr(logging, log_level.upper(), logging.INFO))
+    if rules.kinds:
+        logging.getLogger("gateway").info("PII rules loaded", extra={"file": rules.file, "kinds": rules.kinds,
+                                                                     "sha256": rules.sha256})
     serve(cfg)
 
 

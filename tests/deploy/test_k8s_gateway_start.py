@@ -76,7 +76,10 @@ def test_the_gateway_starts_from_its_deployment_and_answers_probes_metrics_and_t
             ref = e["valueFrom"]["secretKeyRef"]
             assert ref["name"] == "sovereign-gateway-secrets"
             env[e["name"]] = secret[ref["key"]]
-    env.update(SOVEREIGN_HOME=str(tmp_path / "home"), HOME=str(tmp_path))
+    # The organisation's PII rules, as mounted from their ConfigMap: the gateway refuses to start without them.
+    rules_file = tmp_path / "pii-rules.yaml"
+    rules_file.write_text(mounted_file(spec, container, env["SOVEREIGN_PII_RULES"], objects))
+    env.update(SOVEREIGN_HOME=str(tmp_path / "home"), HOME=str(tmp_path), SOVEREIGN_PII_RULES=str(rules_file))
     log = tmp_path / "gateway.log"
     with open(log, "wb") as out:
         pythonpath = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(REPO)) if p)

@@ -29,6 +29,23 @@ HELD_OUT = [
 
 
 @pytest.fixture(scope="session")
+def no_pii_rules(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("pii-rules") / "none.yaml"
+    path.write_text("kinds: {}\n")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def built_in_pii_kinds_only(no_pii_rules, monkeypatch):
+    """In-process prepare loads the organisation's PII rules: not the ones of whoever runs the tests (~/.sovereign)."""
+    from sovereign import pii
+
+    monkeypatch.setenv("SOVEREIGN_PII_RULES", str(no_pii_rules))
+    yield
+    pii.use_custom_kinds(())
+
+
+@pytest.fixture(scope="session")
 def held_out() -> list[list[dict]]:
     return [list(c) for c in HELD_OUT]
 

@@ -184,6 +184,15 @@ def test_prepared_data_is_reused_only_when_made_with_this_configs_settings(tmp_p
     assert not made_with(max_seq_len=8192)
     assert not made_with(model="another-model")
     assert not made_with(inputs=[{"role": "train", "sha256": sha256_file(raw)}, {"role": "validation", "sha256": "x"}])
+    # Scrubbed before the organisation's PII rules said what else to hide (or under other rules): made again.
+    rules = tmp_path / "pii-rules.yaml"
+    rules.write_text("kinds: {customer_id: {pattern: 'CUST-[0-9]{8}'}}\n")
+    scrubbed = {"scrub": {"enabled": True}}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SOVEREIGN_PII_RULES", str(rules))
+        assert not made_with(**scrubbed, pii_rules=None)
+        assert made_with(**scrubbed, pii_rules={"sha256": sha256_file(rules)})
+        assert made_with(scrub={"enabled": False}, pii_rules=None)  # nothing was scrubbed: no rule applies
 
 
 def test_a_local_job_names_a_missing_data_file_before_it_exists_and_keeps_absolute_paths(tmp_path, monkeypatch):

@@ -274,3 +274,29 @@ def test_refuse_pii_names_the_lines_and_kinds_never_the_values_and_writes_nothin
     assert "13812345678" not in message and "li.lei" not in message
     assert [p.line for p in err.value.problems][:4] == [2, 3, 5, 6]
     assert not (out / "train.jsonl").exists()
+
+
+def test_the_organisations_own_pii_kinds_are_scrubbed_and_the_rules_recorded(models_dir, tmp_path, monkeypatch):
+    """The rules file the gateway loads: what pii=redact hides there is never trained on here."""
+    rules = tmp_path / "pii-rules.yaml"
+    rules.write_text("kinds:\n  customer_id:\n    pattern: 'CUST-[0-9]{8}'\n")
+    monkeypatch.setenv("SOVEREIGN_PII_RULES", str(rules))
+    asks = ["where is my parcel", "can I return the tent", "why was I charged twice", "is the jacket waterproof",
+            "when do you open on Sunday", "my stove arrived broken", "can I change the delivery day",
+            "do you ship to Norway", "how long is the warranty", "please cancel my subscription"]
+    rows = [{"messages": [{"role": "user", "content": f"I am customer CUST-0041234{i}, {ask}?"},
+                          {"role": "assistant", "content": f"Thanks, CUST-0041234{i}: {ask[::-1]}."}]}
+            for i, ask in enumerate(asks)]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    report = prepare(src, tmp_path / "out", model=DEFAULT_MODEL, models_dir=models_dir,
+                     options=PrepareOptions(dedup=False))
+    assert report.scrub.counts["customer_id"] == 20 and report.scrub.rows_changed == 10
+    assert report.pii_rules.kinds == ["customer_id"] and report.pii_rules.file == str(rules)
+    written = "".join(p.read_text(encoding="utf-8") for p in (tmp_path / "out").iterdir())
+    assert "CUST-0041234" not in written and "[CUSTOMER_ID]" in written
+    rules.write_text("kinds:\n  customer_id:\n    pattern: '[0-9]*'\n")
+    with pytest.raises(FinetuneError) as err:
+        prepare(src, tmp_path / "out2", model=DEFAULT_MODEL, models_dir=models_dir)
+    assert err.value.code == "pii_rules_invalid" and "matches the empty string" in str(err.value)
+    assert not (tmp_path / "out2" / "train.jsonl").exists()
