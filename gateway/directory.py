@@ -68,6 +68,7 @@ class KeyEntry:
     limits: Limits
     quota_subjects: list = field(default_factory=list)  # [(subject, QuotaLimits)], built once per snapshot
     expires_at: float | None = None  # unix seconds
+    revoked_at: float | None = None  # unix seconds; such entries live only in the directory's refusal table
 
 
 
@@ -85,6 +86,7 @@ class Directory:
         self.refresh_s = refresh_s
         self._subjects = subjects
         self._keys: dict[str, KeyEntry] = {}
+        self._revoked: dict[str, KeyEntry] = {}  # read by `refusal` only, never on the request path
         self._generation = -1
         self._reload_lock = threading.Lock()
         self._task: asyncio.Task | None = None
@@ -102,15 +104,22 @@ class Directory:
         return entry
 
     def refusal(self, secret: str | None) -> E.GatewayError:
-        """The 401 for a secret `lookup` did not accept: an expired key says when it expired and what to do."""
-        entry = self._keys.get(hash_secret(secret)) if secret else None
+        """The 401 for a secret `lookup` did not accept. An expired or revoked key says when it stopped and what to
+        do (whoever holds the secret knows the key already), and carries the key as `refused_key`: the request path
+        audits the attempt under its key and team, so a leaked or forgotten key still in use shows in the trail."""
+        digest = hash_secret(secret) if secret else None
+        entry = self._keys.get(digest) if digest else None
         if entry is not None and entry.expires_at is not None:
-            when = datetime.fromtimestamp(entry.expires_at, UTC).isoformat(timespec="seconds")
-            refused = E.invalid_api_key(f"This API key ({entry.id}) expired at {when}; ask an administrator for a new "
-                                        f"one (`sovereign keys create`).")
-            refused.expired_key = entry  # the request path audits the attempt under its key and team
-            return refused
-        return E.invalid_api_key()
+            what, at = "expired", entry.expires_at
+        elif digest and (entry := self._revoked.get(digest)) is not None and entry.revoked_at is not None:
+            what, at = "was revoked", entry.revoked_at
+        else:
+            return E.invalid_api_key()
+        when = datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds")
+        refused = E.invalid_api_key(f"This API key ({entry.id}) {what} at {when}; ask an administrator for a new "
+                                    f"one (`sovereign keys create`).")
+        refused.refused_key = entry
+        return refused
 
     def reload_if_changed(self) -> bool:
         # The refresh thread and an admin request's thread both reload: unserialized, an older snapshot could land
@@ -119,29 +128,34 @@ class Directory:
             generation = read_generation(self.engine)
             if generation == self._generation and self.loaded:
                 return False
-            self._keys = self._load()
+            self._keys, self._revoked = self._load()
             self._generation = generation
             self.loaded = True
             return True
 
-    def _load(self) -> dict[str, KeyEntry]:
+    def _load(self) -> tuple[dict[str, KeyEntry], dict[str, KeyEntry]]:
         with Session(self.engine) as s:
             teams = {t.name: TeamPolicy(name=t.name, allowed_models=tuple(t.allowed_models or ()),
                                         max_tokens=t.max_tokens, pii=t.pii, injection=t.injection,
                                         audit_content=t.audit_content, limits=_limits(t))
                      for t in s.scalars(select(Team)).all()}
             keys: dict[str, KeyEntry] = {}
-            for k in s.scalars(select(ApiKey).where(ApiKey.revoked_at.is_(None))).all():
+            revoked: dict[str, KeyEntry] = {}
+            for k in s.scalars(select(ApiKey)).all():
                 team = teams.get(k.team)
                 if team is None:
                     continue
-                expires = as_utc(k.expires_at)
+                expires, gone = as_utc(k.expires_at), as_utc(k.revoked_at)
                 entry = KeyEntry(id=k.id, secret_hash=k.secret_hash, team=team, is_admin=k.is_admin,
-                                 limits=_limits(k), expires_at=expires.timestamp() if expires else None)
+                                 limits=_limits(k), expires_at=expires.timestamp() if expires else None,
+                                 revoked_at=gone.timestamp() if gone else None)
+                if gone is not None:
+                    revoked[k.secret_hash] = entry
+                    continue
                 if self._subjects is not None:
                     entry.quota_subjects = self._subjects(entry)
                 keys[k.secret_hash] = entry
-        return keys
+        return keys, revoked
 
     async def start(self) -> None:
         await asyncio.to_thread(self.reload_if_changed)

@@ -27,6 +27,7 @@ import orjson
 from gateway import errors as E
 from gateway import responses_api
 from gateway.audit import AuditRecord
+from gateway.caller import note_keyless_refusal
 from gateway.chat_api import ChatEvents, choices_texts
 from gateway.client_watch import ClientWatch
 from gateway.config import GatewayConfig
@@ -154,10 +155,12 @@ class Proxy:
                 self.inflight -= 1
         except E.GatewayError as exc:
             ex.status = exc.status
-            if ex.entry is None and (expired := getattr(exc, "expired_key", None)) is not None:
-                # Audited, counted and logged under its key and team: after a rotation, which app still calls with
-                # the old key is then in the trail, the metrics and the access log.
-                ex.entry = expired
+            if ex.entry is None and (refused := getattr(exc, "refused_key", None)) is not None:
+                # Audited, counted and logged under its key and team: after a rotation or a revocation, which app
+                # still calls with the old key is then in the trail, the metrics and the access log.
+                ex.entry = refused
+            elif exc.status == 401 and ex.entry is None:
+                note_keyless_refusal(scope, bearer(scope))
             blocked = getattr(exc, "decisions", None)
             if blocked and ex.entry is not None:
                 ex.decisions.update(blocked)

@@ -280,7 +280,8 @@ class ThreadServer:
         cert, key = tls or (None, None)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                                     access_log=False, lifespan=lifespan, loop="asyncio",
-                                                    http=http, ssl_certfile=cert, ssl_keyfile=key))
+                                                    http=http, ssl_certfile=cert, ssl_keyfile=key,
+                                                    proxy_headers=False))  # as `sovereign gateway` serves
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> "ThreadServer":

@@ -49,6 +49,49 @@ def test_admin_api_creates_team_and_key_and_revokes_it(gw):
         gw.client(secret).chat.completions.create(model="fake-model", messages=USER)
 
 
+def test_a_revoked_key_says_so_and_its_attempts_are_audited_under_its_key(gw):
+    """After a revocation, the app (or whoever found the leaked key) still calling with it is in the trail."""
+    from gateway.audit_read import export
+
+    admin = httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {gw.admin_key}"})
+    assert admin.post("/admin/teams", json={"name": "leaky", "allowed_models": ["fake-model"]}).status_code == 201
+    created = admin.post("/admin/keys", json={"team": "leaky", "name": "old-crm"}).json()
+    revoked_at = admin.post(f"/admin/keys/{created['id']}/revoke").json()["revoked_at"]
+    client = gw.client(created["secret"])
+
+    def refused_as_revoked():
+        with pytest.raises(openai.AuthenticationError) as refused:
+            client.chat.completions.create(model="fake-model", messages=USER)
+        assert f"This API key ({created['id']}) was revoked at {revoked_at[:19]}" in refused.value.body["message"]
+
+    wait_for(refused_as_revoked)
+    with pytest.raises(openai.AuthenticationError, match="was revoked at"):
+        client.files.list()  # the FastAPI-served /v1 endpoints say the same
+    out = io.StringIO()
+    export(gw.app.config.resolved_database_url(), out)
+    rows = [json.loads(line) for line in out.getvalue().splitlines()]
+    attempts = [r for r in rows if r["key_id"] == created["id"] and r["status"] == 401]
+    assert len(attempts) >= 1 and attempts[-1]["team"] == "leaky"
+
+
+def test_a_request_with_no_key_of_ours_is_logged_with_its_origin_and_fingerprint_never_the_secret(gw, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="sovereign.gateway.auth")
+    wrong = "sk-sov-" + "f" * 48
+    for path in ("/v1/chat/completions", "/admin/teams"):
+        r = httpx.post(f"{gw.url}{path}", headers={"Authorization": f"Bearer {wrong}",
+                                                   "X-Forwarded-For": "10.20.30.40"}, json={})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{gw.url}/v1/models").status_code == 401
+    lines = [r for r in caplog.records if r.name == "sovereign.gateway.auth"]
+    assert [(r.path, r.reason) for r in lines] == [("/v1/chat/completions", "unknown key"),
+                                                   ("/admin/teams", "unknown key"), ("/v1/models", "no key")]
+    assert lines[0].key_fingerprint == hash_secret(wrong)[:12] and lines[2].key_fingerprint is None
+    assert lines[0].client == "127.0.0.1" and lines[0].forwarded_for == "10.20.30.40"
+    assert wrong not in caplog.text and wrong[8:] not in caplog.text
+
+
 def test_admin_api_refuses_non_admin_and_missing_keys(gw):
     assert httpx.get(f"{gw.url}/admin/teams").status_code == 401
     r = httpx.get(f"{gw.url}/admin/teams", headers={"Authorization": f"Bearer {gw.key()}"})
