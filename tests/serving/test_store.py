@@ -67,6 +67,47 @@ def test_the_default_imported_twice_has_one_content_hash(tmp_path, store):
     assert {f.path: f.sha256 for f in again.files} == {f.path: f.sha256 for f in first.files}
 
 
+TOOLS_TEMPLATE = REPO / "configs" / "chat_templates" / "chatml-tools.jinja"
+
+
+def test_a_model_imported_with_another_chat_template_serves_and_trains_with_it_alone(tmp_path, store):
+    """--chat-template: one template in the folder (what transformers and vLLM read), hashed in the manifest."""
+    from transformers import AutoTokenizer
+
+    from sovereign.formats import sha256_text
+
+    other = ModelStore(tmp_path / "models")
+    m = other.import_hf(store.path(DEFAULT_MODEL), "with-tools", chat_template=TOOLS_TEMPLATE)
+    folder = other.path("with-tools")
+    template = TOOLS_TEMPLATE.read_text(encoding="utf-8")
+    assert (folder / "chat_template.jinja").read_text(encoding="utf-8") == template
+    assert "chat_template" not in json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert m.chat_template_sha256 == sha256_text(template) != store.get(DEFAULT_MODEL).chat_template_sha256
+    assert m.model_extra["chat_template_source"] == str(TOOLS_TEMPLATE)
+    assert other.verify("with-tools") == m
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    assert tokenizer.chat_template == template
+    # Without tools it renders as SmolLM2's own template, default system prompt included: plain chat is unchanged.
+    own = AutoTokenizer.from_pretrained(str(store.path(DEFAULT_MODEL)), local_files_only=True)
+    for messages in ([{"role": "user", "content": "hi"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                      {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Paris?"}]):
+        for gen in (False, True):
+            assert (tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+                    == own.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen))
+
+
+@pytest.mark.parametrize("text,message", [("{% for m in messages %}", "1: not a valid Jinja chat template"),
+                                          ("hello", "never reads them")])
+def test_a_broken_chat_template_is_refused_before_the_import_starts(tmp_path, store, text, message):
+    bad = tmp_path / "bad.jinja"
+    bad.write_text(text)
+    other = ModelStore(tmp_path / "models")
+    with pytest.raises(ImportFailed, match=message):
+        other.import_hf(store.path(DEFAULT_MODEL), "x", chat_template=bad)
+    assert other.list() == []
+
+
 def test_tampered_weight_file_is_refused_naming_the_file(copy_store):
     weights = copy_store.path("copy") / "model.safetensors"
     with open(weights, "r+b") as f:
