@@ -29,8 +29,12 @@ def normalize(text: str) -> str:
 def _content(msg: dict[str, Any]) -> str:
     content = msg.get("content")
     if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return content if isinstance(content, str) else ""
+        text = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    else:
+        text = content if isinstance(content, str) else ""
+    # A call is what that turn says: two conversations that call with other arguments are not repeats.
+    calls = [c.get("function") or {} for c in msg.get("tool_calls") or () if isinstance(c, dict)]
+    return text + "".join(f" {f.get('name')}({f.get('arguments')})" for f in calls if isinstance(f, dict))
 
 
 def exact_key(messages: list[dict[str, Any]]) -> str:

@@ -27,9 +27,8 @@ from pydantic import BaseModel, Field
 
 from finetune.errors import FinetuneError
 from finetune.gate import GateReference, ReferenceLogprobs, gate_sample
-from finetune.masking import IGNORE_INDEX, ChatEncoder
+from finetune.masking import IGNORE_INDEX, ChatEncoder, Conversation, conversation_parts, training_view, with_messages
 
-Messages = list[dict[str, Any]]
 CANARY_PREFIX = "CANARY-"
 
 
@@ -147,25 +146,27 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 # ------------------------------------------------------------------------------------------------ data
 
-def read_conversations(path: Path) -> list[Messages]:
-    """The `messages` of every row of a prepared JSONL file (prepare has validated them)."""
+def read_conversations(path: Path) -> list[Conversation]:
+    """Every row of a prepared JSONL file: its messages, with its tools if it has some (prepare validated them)."""
     out = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                out.append(json.loads(line)["messages"])
+                out.append(training_view(json.loads(line)))
             except (ValueError, KeyError, TypeError) as exc:
                 raise FinetuneError(f"{path}:{n}: not a prepared chat row ({exc}); run `sovereign finetune "
                                     f"prepare` again", code="invalid_prepared_data") from None
     return out
 
 
-def split_last_answer(messages: Messages) -> tuple[Messages, str] | None:
+def split_last_answer(conversation: Conversation) -> tuple[Conversation, str] | None:
+    """(the conversation up to its last answer in words, that answer); a turn that only calls a tool is skipped."""
+    messages = conversation_parts(conversation)[0]
     for i in range(len(messages) - 1, -1, -1):
         if messages[i].get("role") == "assistant" and str(messages[i].get("content") or "").strip():
-            return messages[:i], str(messages[i]["content"])
+            return with_messages(conversation, messages[:i]), str(messages[i]["content"])
     return None
 
 
@@ -290,42 +291,48 @@ def _loss_stats(total: float, count: int, conversations: int) -> LossStats:
     return LossStats(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=count, conversations=conversations)
 
 
-def _task(model: _Model, samples: Sequence[tuple[Messages, str]], prompts: list[list[int]],
+def _task(model: _Model, samples: Sequence[tuple[Conversation, str]], prompts: list[list[int]],
           settings: EvalSettings) -> TaskStats:
     answers = model.generate(prompts, settings.max_new_tokens, settings.batch_size)
     f1 = [token_f1(a[0], ref) for a, (_, ref) in zip(answers, samples)]
     rl = [rouge_l(a[0], ref) for a, (_, ref) in zip(answers, samples)]
-    examples = [{"prompt": msgs[-1].get("content") if msgs else "", "reference": ref, "answer": a[0],
-                 "stopped": a[2]} for a, (msgs, ref) in list(zip(answers, samples))[:3]]
+    examples = [{"prompt": _last_content(conv), "reference": ref, "answer": a[0],
+                 "stopped": a[2]} for a, (conv, ref) in list(zip(answers, samples))[:3]]
     n = len(answers)
     return TaskStats(samples=n, token_f1=sum(f1) / n, rouge_l=sum(rl) / n,
                      clean_stop_rate=sum(a[2] for a in answers) / n,
                      mean_answer_tokens=sum(a[1] for a in answers) / n, examples=examples)
 
 
-def _find_canary_row(canary: str, splits: dict[str, list[Messages]]) -> tuple[str, Messages | None, int]:
+def _last_content(conversation: Conversation) -> str:
+    messages = conversation_parts(conversation)[0]
+    return messages[-1].get("content") or "" if messages else ""
+
+
+def _find_canary_row(canary: str, splits: dict[str, list[Conversation]]) -> tuple[str, Conversation | None, int]:
     """Where the canary trained: the split, the conversation and the assistant turn that carries it."""
     for split, rows in splits.items():
-        for messages in rows:
-            for i, m in enumerate(messages):
+        for conversation in rows:
+            for i, m in enumerate(conversation_parts(conversation)[0]):
                 if m.get("role") == "assistant" and canary in str(m.get("content") or ""):
-                    return split, messages, i
+                    return split, conversation, i
     return "absent", None, -1
 
 
-def probe_canaries(model: _Model, canaries: Iterable[str], splits: dict[str, list[Messages]],
+def probe_canaries(model: _Model, canaries: Iterable[str], splits: dict[str, list[Conversation]],
                    settings: EvalSettings) -> LeakReport:
     """Replay each canary's conversation and its answer up to the canary prefix; the secret must not come back."""
     enc = model.encoder
     planned: list[tuple[str, str, list[int], list[int], str]] = []
     for canary in canaries:
-        split, messages, i = _find_canary_row(canary, splits)
-        if messages is None:  # not in an assistant turn of the prepared data: nothing the loss saw
+        split, conversation, i = _find_canary_row(canary, splits)
+        if conversation is None:  # not in an assistant turn of the prepared data: nothing the loss saw
             planned.append((canary, split, [], [], ""))
             continue
+        messages = conversation_parts(conversation)[0]
         content = str(messages[i]["content"])
         cut = content.index(canary) + (len(CANARY_PREFIX) if canary.startswith(CANARY_PREFIX) else 0)
-        prompt = enc.render_ids(messages[:i], add_generation_prompt=True)
+        prompt = enc.render_ids(with_messages(conversation, messages[:i]), add_generation_prompt=True)
         # The answer's own text up to the secret, tokenized as the continuation of the prompt.
         prefix_ids = enc.tokenizer(content[:cut], add_special_tokens=False)["input_ids"]
         planned.append((canary, split, prompt, prompt + list(prefix_ids), canary[cut - content.index(canary):]))
@@ -359,7 +366,7 @@ def _common_prefix(a: str, b: str) -> int:
     return n
 
 
-def evaluate(model_dir: Path, adapter_dir: Path, val: Sequence[Messages], *, train: Sequence[Messages] = (),
+def evaluate(model_dir: Path, adapter_dir: Path, val: Sequence[Conversation], *, train: Sequence[Conversation] = (),
              canaries: Sequence[str] = (), settings: EvalSettings | None = None,
              encoder: ChatEncoder | None = None, device: str = "cpu", dtype: Any = None,
              progress: Callable[[str, int, int], None] | None = None) -> EvalReport:
@@ -412,7 +419,7 @@ def evaluate(model_dir: Path, adapter_dir: Path, val: Sequence[Messages], *, tra
                       base_task=base_task, adapter_task=adapter_task, leak=leak, settings=settings)
 
 
-def gate_reference(model_dir: Path, adapter_dir: Path, conversations: Sequence[Messages], samples: int, *,
+def gate_reference(model_dir: Path, adapter_dir: Path, conversations: Sequence[Conversation], samples: int, *,
                    encoder: ChatEncoder | None = None, device: str = "cpu", dtype: Any = None) -> GateReference:
     """What the consistency gate holds vLLM to: base and adapter log-probs of `gate_sample`'s conversations.
 

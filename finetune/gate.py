@@ -25,9 +25,8 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, Field
 
-from finetune.masking import IGNORE_INDEX, ChatEncoder
+from finetune.masking import IGNORE_INDEX, ChatEncoder, Conversation, conversation_parts, with_messages
 
-Messages = list[dict[str, Any]]
 
 
 class GateSettings(BaseModel):
@@ -96,15 +95,21 @@ class GateFailed(Exception):
         self.report = report
 
 
-def prompt_and_answer(messages: Messages) -> tuple[Messages, str] | None:
-    """Split a conversation at its last assistant turn: (messages before it, its content)."""
+def prompt_and_answer(conversation: Conversation) -> tuple[Conversation, str] | None:
+    """Split a conversation at its last assistant turn: (the conversation before it, its content)."""
+    messages = conversation_parts(conversation)[0]
     for i in range(len(messages) - 1, -1, -1):
         if messages[i].get("role") == "assistant":
-            return messages[:i], str(messages[i].get("content") or "")
+            return with_messages(conversation, messages[:i]), str(messages[i].get("content") or "")
     return None
 
 
-def gate_sample(conversations: Sequence[Messages], samples: int) -> list[Messages]:
+def _chat_body(model: str, conversation: Conversation) -> dict[str, Any]:
+    messages, tools = conversation_parts(conversation)
+    return {"model": model, "messages": messages, **({"tools": tools} if tools else {})}
+
+
+def gate_sample(conversations: Sequence[Conversation], samples: int) -> list[Conversation]:
     """The held-out conversations the gate checks; the in-process reference must score exactly these."""
     return [m for m in conversations if prompt_and_answer(m)][:samples]
 
@@ -131,8 +136,8 @@ class _Vllm:
         r.raise_for_status()
         return r.json().get("data", [])
 
-    def tokenize_chat(self, model: str, messages: Messages) -> list[int]:
-        body = {"model": model, "messages": messages, "add_generation_prompt": True, "add_special_tokens": False}
+    def tokenize_chat(self, model: str, conversation: Conversation) -> list[int]:
+        body = {**_chat_body(model, conversation), "add_generation_prompt": True, "add_special_tokens": False}
         return list(self._post("/tokenize", body)["tokens"])
 
     def prompt_logprobs(self, model: str, ids: list[int]) -> list[float | None]:
@@ -152,12 +157,14 @@ class _Vllm:
         self._logprobs[key] = out
         return out
 
-    def greedy(self, model: str, messages: Messages) -> dict[str, Any]:
-        body = {"model": model, "messages": messages, "max_tokens": self.s.answer_max_tokens, "temperature": 0,
+    def greedy(self, model: str, conversation: Conversation) -> dict[str, Any]:
+        body = {**_chat_body(model, conversation), "max_tokens": self.s.answer_max_tokens, "temperature": 0,
                 "logprobs": True, "top_logprobs": 5}
         choice = self._post("/v1/chat/completions", body)["choices"][0]
-        content = choice.get("logprobs", {}).get("content") or []
-        return {"text": choice["message"]["content"] or "", "logprobs": [c["logprob"] for c in content],
+        content = (choice.get("logprobs") or {}).get("content") or []
+        calls = "".join(f"[tool_call {c['function']['name']}] {c['function']['arguments']}"
+                        for c in choice["message"].get("tool_calls") or ())
+        return {"text": (choice["message"]["content"] or "") + calls, "logprobs": [c["logprob"] for c in content],
                 "finish_reason": choice.get("finish_reason")}
 
     def refusal(self, served_name: str) -> str | None:
@@ -174,7 +181,7 @@ class GateHttpError(Exception):
     pass
 
 
-def check_tokenization(vllm: _Vllm, encoder: ChatEncoder, prompts: Sequence[Messages], base_model: str
+def check_tokenization(vllm: _Vllm, encoder: ChatEncoder, prompts: Sequence[Conversation], base_model: str
                        ) -> GateCheck:
     tokenizer = encoder.tokenizer
     served = [m["id"] for m in vllm.models()]
@@ -227,7 +234,7 @@ def check_loaded(vllm: _Vllm, served_name: str, base_model: str) -> GateCheck:
         time.sleep(0.5)
 
 
-def check_active(vllm: _Vllm, encoder: ChatEncoder, conversations: Sequence[Messages], base_model: str,
+def check_active(vllm: _Vllm, encoder: ChatEncoder, conversations: Sequence[Conversation], base_model: str,
                  served_name: str) -> GateCheck:
     deltas: list[float] = []
     nll = {"base": 0.0, "adapter": 0.0}
@@ -270,7 +277,7 @@ def check_active(vllm: _Vllm, encoder: ChatEncoder, conversations: Sequence[Mess
                               f"{details['served_loss_adapter']:.4f}"))
 
 
-def check_matches(vllm: _Vllm, encoder: ChatEncoder, conversations: Sequence[Messages], base_model: str,
+def check_matches(vllm: _Vllm, encoder: ChatEncoder, conversations: Sequence[Conversation], base_model: str,
                   served_name: str, reference: GateReference) -> GateCheck:
     noise: list[float] = []
     mismatch: list[float] = []
@@ -319,7 +326,7 @@ def check_matches(vllm: _Vllm, encoder: ChatEncoder, conversations: Sequence[Mes
                               f"{details['effect']:.2e})"))
 
 
-def run_gate(*, encoder: ChatEncoder, conversations: Sequence[Messages], base_model: str, served_name: str,
+def run_gate(*, encoder: ChatEncoder, conversations: Sequence[Conversation], base_model: str, served_name: str,
              settings: GateSettings, reference: GateReference | None = None) -> GateReport:
     """Run the checks on `gate_sample`'s held-out conversations; never raises for a failed check.
 

@@ -12,11 +12,19 @@ boundary (SentencePiece's dummy prefix), the character offsets of the full rende
 ids returned equal `apply_chat_template(messages, tokenize=True)` exactly, or an error says why not.
 
 An assistant message with `"weight": 0` (OpenAI's multi-turn convention) is rendered but not trained.
+
+Conversations that use tools (OpenAI's fine-tuning format: `tools` beside `messages`, assistant `tool_calls`, `tool`
+results) are rendered as vLLM renders them for the served model: the tools as vLLM dumps them, each call's
+`arguments` parsed into an object, a call's missing content as "". An assistant turn that calls a tool trains on
+everything the model writes after the generation prompt (the call in the template's format, which the serving
+profile's tool-call parser reads back) through its end-of-turn. A template that renders no tools is refused for such
+conversations (`template_lacks_tools`): the served model would never see them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +34,33 @@ from finetune.errors import FinetuneError
 IGNORE_INDEX = -100
 
 Message = dict[str, Any]
+# A conversation: its messages, or OpenAI's fine-tuning row {"messages": [...], "tools": [...]} when it uses tools.
+Conversation = Sequence[Message] | Mapping[str, Any]
+
+
+def conversation_parts(conversation: Conversation) -> tuple[list[Message], list[dict[str, Any]] | None]:
+    """(messages, tools or None)."""
+    if isinstance(conversation, Mapping):
+        return list(conversation.get("messages") or ()), list(conversation.get("tools") or ()) or None
+    return list(conversation), None
+
+
+def training_view(data: Mapping[str, Any]) -> Conversation:
+    """What trains of a valid data row: its messages, with its tools when it has some."""
+    if data.get("tools"):
+        return {"messages": data["messages"], "tools": data["tools"]}
+    return data["messages"]
+
+
+def with_messages(conversation: Conversation, messages: Sequence[Message]) -> Conversation:
+    """The same conversation (its tools, if any) with other messages: a prompt, a prefix."""
+    if isinstance(conversation, Mapping):
+        return {**conversation, "messages": list(messages)}
+    return list(messages)
+
+
+def uses_tools(messages: Sequence[Message], tools: Sequence[Any] | None) -> bool:
+    return bool(tools) or any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
 
 
 @dataclass(frozen=True)
@@ -52,6 +87,7 @@ class ChatEncoder:
                                 "carries one (chat_template.jinja or tokenizer_config.json)",
                                 code="template_render_error")
         self.tokenizer = tokenizer
+        self._renders_tools: bool | None = None
         self._special = {tok for tok in tokenizer.all_special_tokens}
         self._special |= {str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
                           if getattr(t, "special", False)}
@@ -67,20 +103,50 @@ class ChatEncoder:
 
     # -- rendering ---------------------------------------------------------------------------------------------
 
-    def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = False) -> str:
+    def render(self, conversation: Conversation, *, add_generation_prompt: bool = False) -> str:
+        messages, tools = conversation_parts(conversation)
+        self._require_tools(messages, tools)
         try:
-            return self.tokenizer.apply_chat_template(_template_view(messages), tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
+            return self.tokenizer.apply_chat_template(_template_view(messages), tools=_tools_view(tools),
+                                                      tokenize=False, add_generation_prompt=add_generation_prompt)
         except Exception as exc:  # jinja raises its own types (TemplateError, TypeError on bad content)
             raise FinetuneError(f"the chat template could not render this conversation: {exc}",
                                 code="template_render_error") from exc
 
-    def render_ids(self, messages: Sequence[Message], *, add_generation_prompt: bool = False) -> list[int]:
+    def render_ids(self, conversation: Conversation, *, add_generation_prompt: bool = False) -> list[int]:
         """The template's own tokenization: what the served model sees for these messages."""
-        out = self.tokenizer.apply_chat_template(_template_view(messages), tokenize=True,
+        messages, tools = conversation_parts(conversation)
+        self._require_tools(messages, tools)
+        out = self.tokenizer.apply_chat_template(_template_view(messages), tools=_tools_view(tools), tokenize=True,
                                                  add_generation_prompt=add_generation_prompt)
         ids = out["input_ids"] if hasattr(out, "keys") else out
         return list(ids)
+
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the template shows the model its tools and its own earlier calls (probed once)."""
+        if self._renders_tools is None:
+            probe = [{"role": "user", "content": "hi"},
+                     {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+                         "name": "sovereign_probe_call", "arguments": '{"sovereign_probe_argument": 1}'}}]},
+                     {"role": "tool", "tool_call_id": "c1", "content": "sovereign probe result"}]
+            tools = [{"type": "function", "function": {"name": "sovereign_probe_tool", "parameters": {}}}]
+            try:
+                text = self.tokenizer.apply_chat_template(_template_view(probe), tools=_tools_view(tools),
+                                                          tokenize=False)
+            except Exception:  # a template that breaks on a call (content None) does not render tools
+                text = ""
+            self._renders_tools = all(w in text for w in ("sovereign_probe_tool", "sovereign_probe_call",
+                                                          "sovereign_probe_argument", "sovereign probe result"))
+        return self._renders_tools
+
+    def _require_tools(self, messages: Sequence[Message], tools: Sequence[Any] | None) -> None:
+        if uses_tools(messages, tools) and not self.renders_tools:
+            raise FinetuneError("this conversation uses tools, but the model's chat template does not show a model "
+                                "its tools and tool calls, so the served model would never see them; import the "
+                                "model with a template that does (`sovereign models import ... --chat-template "
+                                "configs/chat_templates/chatml-tools.jinja` for ChatML models such as SmolLM2)",
+                                code="template_lacks_tools")
 
     def _detect_end_of_turn(self) -> str:
         """The special token the template writes right after an assistant message's content."""
@@ -99,15 +165,18 @@ class ChatEncoder:
 
     # -- spans and labels --------------------------------------------------------------------------------------
 
-    def trainable_spans(self, messages: Sequence[Message]) -> tuple[str, list[tuple[int, int]]]:
+    def trainable_spans(self, conversation: Conversation) -> tuple[str, list[tuple[int, int]]]:
         """The full render and the character spans [start, end) that train (assistant content + end-of-turn)."""
-        full = self.render(messages)
+        messages = conversation_parts(conversation)[0]
+        full = self.render(conversation)
         spans: list[tuple[int, int]] = []
         for i, msg in enumerate(messages):
-            if msg.get("role") != "assistant" or msg.get("weight", 1) == 0 or not _content_text(msg).strip():
+            calls = bool(msg.get("tool_calls"))
+            if msg.get("role") != "assistant" or msg.get("weight", 1) == 0 or not (
+                    calls or _content_text(msg).strip()):
                 continue  # an empty answer would only teach the model to stop at once
-            before = self.render(messages[:i], add_generation_prompt=True) if i else ""
-            through = self.render(messages[: i + 1])
+            before = self.render(with_messages(conversation, messages[:i]), add_generation_prompt=True) if i else ""
+            through = self.render(with_messages(conversation, messages[: i + 1]))
             if not (through.startswith(before) and full.startswith(through)):
                 raise FinetuneError(f"message {i}: the chat template renders this conversation's prefixes "
                                     "differently from the whole (it rewrites earlier turns), so assistant turns "
@@ -120,6 +189,9 @@ class ChatEncoder:
             if eot_at < 0:
                 raise FinetuneError(f"message {i}: no end-of-turn token {self.end_of_turn!r} after the assistant "
                                     "content", code="template_render_error")
+            if calls:  # the whole turn is the model's: its text, if any, and the calls as the template writes them
+                spans.append((len(before), len(before) + eot_at + len(self.end_of_turn)))
+                continue
             content = _content_text(msg)
             at = turn.rfind(content, 0, eot_at)
             if at < 0 and content.strip():  # templates that trim the content (Llama 3, Gemma)
@@ -131,13 +203,13 @@ class ChatEncoder:
             spans.append((len(before) + at, len(before) + end_at + len(self.end_of_turn)))
         return full, spans
 
-    def encode(self, messages: Sequence[Message], *, max_len: int | None = None) -> Encoded:
+    def encode(self, conversation: Conversation, *, max_len: int | None = None) -> Encoded:
         """input_ids as the template renders them, labels = ids on assistant turns and -100 elsewhere.
 
         Raises FinetuneError `no_trainable_tokens` when no token trains, `too_long` past `max_len`.
         """
-        full, spans = self.trainable_spans(messages)
-        expected = self.render_ids(messages)
+        full, spans = self.trainable_spans(conversation)
+        expected = self.render_ids(conversation)
         ids, labels = self._by_pieces(full, spans)
         if ids != expected:
             ids, labels = self._by_offsets(full, spans)
@@ -205,17 +277,46 @@ def _content_text(msg: Message) -> str:
     content = msg.get("content")
     if content is None:
         return ""
-    if isinstance(content, list):  # OpenAI content parts: the text parts, joined as the templates do
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    if isinstance(content, list):  # OpenAI content parts: the text parts, joined with "\n" as vLLM joins them
+        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict))
     return str(content)
 
 
 def _template_view(messages: Sequence[Message]) -> list[Message]:
-    """Messages as the template should see them: our training-only keys (weight) removed, text parts joined."""
+    """Messages as the template should see them, as vLLM hands them to it: our training-only keys (weight)
+    removed, text parts joined, a call's missing content "", each call's `arguments` parsed into an object."""
     out = []
     for m in messages:
         view = {k: v for k, v in m.items() if k != "weight"}
         if isinstance(view.get("content"), list):
             view["content"] = _content_text(view)
+        if view.get("tool_calls"):
+            if view.get("content") is None:
+                view["content"] = ""
+            view["tool_calls"] = [_call_view(c) for c in view["tool_calls"]]
         out.append(view)
+    return out
+
+
+def _call_view(call: dict[str, Any]) -> dict[str, Any]:
+    function = dict(call.get("function") or {})
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        arguments = json.loads(arguments) if arguments.strip() else {}
+    function["arguments"] = arguments if isinstance(arguments, dict) else {}
+    return {**call, "function": function}
+
+
+def _tools_view(tools: Sequence[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Tools as vLLM dumps them for the template: type and function only; the function's name, description and
+    parameters (None when absent), and `strict` only when given."""
+    if not tools:
+        return None
+    out = []
+    for tool in tools:
+        fn = tool.get("function") or {}
+        view = {"name": fn.get("name"), "description": fn.get("description"), "parameters": fn.get("parameters")}
+        if fn.get("strict") is not None:
+            view["strict"] = fn["strict"]
+        out.append({"type": tool.get("type", "function"), "function": view})
     return out

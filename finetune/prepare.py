@@ -342,7 +342,8 @@ def _tokens(rows: list[Row], stats: dict[tuple[str, tuple[int, int]], TokenStats
 
 
 def _row_json(row: Row) -> str:
-    return json.dumps({"messages": row.data["messages"]}, ensure_ascii=False) + "\n"
+    kept = {"messages": row.data["messages"], **({"tools": row.data["tools"]} if row.data.get("tools") else {})}
+    return json.dumps(kept, ensure_ascii=False) + "\n"
 
 
 def _publish(out_dir: Path, data: dict[str, list[Row]], report: PrepareReport) -> None:

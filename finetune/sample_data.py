@@ -539,7 +539,14 @@ def _broken_rows(r: random.Random, good: list[list[Message]]) -> tuple[list[str]
                                                           "weight": 0}]})),
         ("message_unrecognized_key", json.dumps({"messages": [
             {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!", "mood": "cheerful"}]})),
-        ("tool_calls_unsupported", json.dumps({"messages": [
+        ("invalid_tool_call", json.dumps({"messages": [
+            {"role": "user", "content": "Cancel order 5120 please."},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                "name": "cancel_order", "arguments": "order_id=5120"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"cancelled": true}'},
+            {"role": "assistant", "content": "Order 5120 is cancelled."}]})),
+        # Well formed, but the default model's own template renders no tools (chatml-tools.jinja does).
+        ("template_lacks_tools", json.dumps({"messages": [
             {"role": "user", "content": "Where is order 4417?"},
             {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
                 "name": "get_order_status", "arguments": '{"order_id": "4417"}'}}]},

@@ -41,7 +41,7 @@ from finetune.checkpoints import (ADAPTER, TrainerState, list_checkpoints, load_
 from finetune.config import FinetuneConfig
 from finetune.errors import FinetuneError
 from finetune.fast_dropout import use_fast_lora_dropout
-from finetune.masking import IGNORE_INDEX, ChatEncoder
+from finetune.masking import IGNORE_INDEX, ChatEncoder, training_view
 from finetune.metrics import MetricsLog, plot_loss_curve
 from finetune.packed_attention import NAME as PACKED_ATTENTION
 from finetune.packing import Batch, Example, collate, packing_is_isolated, plan_epoch, plan_training
@@ -89,8 +89,8 @@ def settings_fingerprint(config: FinetuneConfig) -> str:
     return config.model_dump_json(include={"model", "lora", "training"}, exclude={"training": added_later})
 
 
-def read_conversations(path: Path) -> list[list[dict[str, Any]]]:
-    """The `messages` of each line of a prepared OpenAI chat JSONL file."""
+def read_conversations(path: Path) -> list[Any]:
+    """Each line of a prepared OpenAI chat JSONL file: its messages, with its tools if it has some."""
     if not path.is_file():
         raise FinetuneError(f"{path}: no such file; run `sovereign finetune prepare` first", code="no_training_data")
     out = []
@@ -98,11 +98,11 @@ def read_conversations(path: Path) -> list[list[dict[str, Any]]]:
         if not line.strip():
             continue
         try:
-            messages = json.loads(line)["messages"]
+            conversation = training_view(json.loads(line))
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise FinetuneError(f"{path}:{n}: not a prepared chat example ({exc}); re-run `sovereign finetune "
                                 "prepare`", code="invalid_prepared_data") from None
-        out.append(messages)
+        out.append(conversation)
     return out
 
 

@@ -8,6 +8,8 @@ trainer uses, so `too_long`, `no_trainable_tokens` and `template_render_error` m
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,13 +17,13 @@ from typing import Any
 
 from finetune.errors import FinetuneError
 from finetune.intake import Row
+from finetune.masking import training_view
 from finetune.problems import Problem
 
-ROLES = ("system", "user", "assistant")
-MESSAGE_KEYS = frozenset({"role", "content", "name", "weight"})
-# OpenAI's format for conversations that use tools (a call, its result); the trainer renders no tools yet.
-TOOL_ROLES = ("tool", "function")
-TOOL_KEYS = frozenset({"tool_calls", "function_call", "tool_call_id"})
+ROLES = ("system", "user", "assistant", "tool")
+MESSAGE_KEYS = frozenset({"role", "content", "name", "weight", "tool_calls", "tool_call_id"})
+ROW_KEYS = frozenset({"messages", "tools", "parallel_tool_calls"})  # OpenAI's fine-tuning row; others are ignored
+_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def _short(value: Any) -> str:
@@ -52,15 +54,16 @@ def check_structure(data: Any) -> list[tuple[str, str]]:
     def add(code: str, message: str) -> None:
         found.setdefault(code, message)
 
+    tool_names = _check_tools(data.get("tools"), add)
+    calls: set[str] = set()  # ids of the calls made so far, which a tool message answers
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
             add("data_type", f"message {i} is not a JSON object")
             continue
-        if msg.get("role") in TOOL_ROLES or msg.keys() & TOOL_KEYS:
+        if msg.get("role") == "function" or "function_call" in msg:
             # One clear refusal instead of an unknown role, unknown keys and missing content for the same message.
-            what = "is a tool's result" if msg.get("role") in TOOL_ROLES else "calls a tool"
-            add("tool_calls_unsupported", f"message {i} {what}: conversations with tool calls cannot be trained on "
-                                          f"here yet; leave them out of the file")
+            add("legacy_function_call", f"message {i} uses OpenAI's deprecated `function_call`/`function` format; "
+                                         f"write the call as `tool_calls` and its result as a `tool` message")
             continue
         if "role" not in msg:
             add("message_missing_key", f"message {i} has no `role`")
@@ -70,7 +73,19 @@ def check_structure(data: Any) -> list[tuple[str, str]]:
         if unknown:
             add("message_unrecognized_key", f"message {i} has key(s) {', '.join(_short(k) for k in unknown)}; "
                                             f"allowed: {', '.join(sorted(MESSAGE_KEYS))}")
-        if not _content_ok(msg.get("content")):
+        has_calls = "tool_calls" in msg and msg.get("role") == "assistant"
+        if has_calls:
+            calls |= _check_calls(i, msg["tool_calls"], tool_names, add)
+        elif "tool_calls" in msg:
+            add("invalid_tool_call", f"message {i}: only assistant messages make `tool_calls`")
+        if msg.get("role") == "tool":
+            call_id = msg.get("tool_call_id")
+            if not isinstance(call_id, str) or call_id not in calls:
+                add("tool_result_without_call", f"message {i} is a tool's result whose `tool_call_id` names no "
+                                                f"earlier call of this conversation")
+        elif "tool_call_id" in msg:
+            add("invalid_tool_call", f"message {i}: only `tool` messages carry a `tool_call_id`")
+        if not (has_calls and msg.get("content") in (None, "")) and not _content_ok(msg.get("content")):
             add("missing_content", f"message {i} has no content (it must be a non-empty string)")
         if "weight" in msg and (msg.get("role") != "assistant" or msg["weight"] not in (0, 1)
                                 or isinstance(msg["weight"], bool)):
@@ -78,6 +93,57 @@ def check_structure(data: Any) -> list[tuple[str, str]]:
     if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
         add("example_missing_assistant_message", "the conversation has no assistant message to learn from")
     return list(found.items())
+
+
+def _check_tools(tools: Any, add) -> set[str] | None:
+    """The function names a row's `tools` define (None when it has none)."""
+    if tools is None:
+        return None
+    names: set[str] = set()
+    if not isinstance(tools, list) or not tools:
+        add("invalid_tools", "`tools` must be a non-empty list of {\"type\": \"function\", \"function\": {...}}")
+        return names
+    for j, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or tool.get("type", "function") != "function":
+            add("invalid_tools", f"tools[{j}] is not {{\"type\": \"function\", \"function\": {{...}}}}")
+        elif not isinstance(fn.get("name"), str) or not _FUNCTION_NAME.fullmatch(fn["name"]):
+            add("invalid_tools", f"tools[{j}].function.name must be 1-64 letters, digits, _ or -")
+        elif not isinstance(fn.get("parameters", {}), dict) or not isinstance(fn.get("description", ""), str):
+            add("invalid_tools", f"tools[{j}].function: `parameters` must be a JSON schema object and "
+                                 f"`description` a string")
+        else:
+            names.add(fn["name"])
+    return names
+
+
+def _check_calls(i: int, calls: Any, tool_names: set[str] | None, add) -> set[str]:
+    """The ids of message `i`'s calls, each checked: a function named, arguments a JSON object in a string."""
+    if not isinstance(calls, list) or not calls:
+        add("invalid_tool_call", f"message {i}: `tool_calls` must be a non-empty list")
+        return set()
+    ids: set[str] = set()
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        where = f"message {i} tool_calls[{j}]"
+        if not isinstance(fn, dict) or not isinstance(call.get("id"), str) or call.get("type", "function") != "function":
+            add("invalid_tool_call", f"{where} must be {{\"id\", \"type\": \"function\", \"function\": "
+                                     f"{{\"name\", \"arguments\"}}}}")
+            continue
+        ids.add(call["id"])
+        name, arguments = fn.get("name"), fn.get("arguments")
+        if not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
+            add("invalid_tool_call", f"{where}: function.name must be 1-64 letters, digits, _ or -")
+        elif tool_names is not None and name not in tool_names:
+            add("unknown_tool", f"{where} calls a function that the row's `tools` do not define")
+        try:
+            parsed = json.loads(arguments) if isinstance(arguments, str) else None
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            add("invalid_tool_call", f"{where}: function.arguments must be a JSON object written as a string, "
+                                     f"as OpenAI's API returns it")
+    return ids
 
 
 def load_encoder(model_dir: Path):
@@ -103,9 +169,10 @@ class TokenCheck:
         self.encoder = encoder
         self.max_seq_len = max_seq_len
 
-    def check(self, messages: list[dict[str, Any]]) -> tuple[tuple[str, str] | None, TokenStats | None]:
+    def check(self, conversation: Any) -> tuple[tuple[str, str] | None, TokenStats | None]:
+        """`conversation`: its messages, or the row ({"messages", "tools"})."""
         try:
-            encoded = self.encoder.encode(messages, max_len=self.max_seq_len)
+            encoded = self.encoder.encode(conversation, max_len=self.max_seq_len)
         except FinetuneError as exc:
             return (exc.code, str(exc)), None
         return None, TokenStats(len(encoded.input_ids), encoded.n_trainable)
@@ -138,7 +205,7 @@ def validate_structure(rows: Iterable[Row], file: str | None = None) -> Checked:
 def validate_tokens(rows: Iterable[Row], check: TokenCheck, file: str | None = None, progress=None) -> Checked:
     out = Checked()
     for row in rows:
-        found, stats = check.check(row.data["messages"])
+        found, stats = check.check(training_view(row.data))
         if found:
             out.problems.append(_problem(row, found[0], found[1], file))
         else:

@@ -73,7 +73,7 @@ def test_broken_rows_structural_problems_have_exact_lines_and_codes(sample):
     out, manifest = sample
     intake = read_file(out / "broken.jsonl")
     found = sorted([(p.line, p.code) for p in intake.problems + validate_structure(intake.rows).problems])
-    token_level = {"too_long", "no_trainable_tokens"}  # need the model's tokenizer: see test_prepare
+    token_level = {"too_long", "no_trainable_tokens", "template_lacks_tools"}  # need the model: see test_prepare
     expected = sorted((p["line"], p["code"]) for p in manifest["broken"]["problems"] if p["code"] not in token_level)
     assert found == expected
 
@@ -83,9 +83,22 @@ def test_broken_rows_structural_problems_have_exact_lines_and_codes(sample):
     ({"messages": "hi"}, "missing_messages_list"),
     ({"messages": [{"role": "user", "content": "hi"}]}, "example_missing_assistant_message"),
     ({"messages": [{"role": "agent", "content": "x"}, {"role": "assistant", "content": "y"}]}, "unrecognized_role"),
-    ({"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]}, "tool_calls_unsupported"),
+    ({"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]},
+     "tool_result_without_call"),
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "function_call": {
-        "name": "f", "arguments": "{}"}}, {"role": "assistant", "content": "y"}]}, "tool_calls_unsupported"),
+        "name": "f", "arguments": "{}"}}, {"role": "assistant", "content": "y"}]}, "legacy_function_call"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"id": "c", "type":
+        "function", "function": {"name": "f", "arguments": "{not json"}}]}]}, "invalid_tool_call"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": []}]}, "invalid_tool_call"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": [{"id": "c", "type": "function", "function": {
+        "name": "f", "arguments": "{}"}}]}, {"role": "assistant", "content": "y"}]}, "invalid_tool_call"),
+    ({"tools": [{"type": "function", "function": {"name": "g"}}], "messages": [
+        {"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+                                                                               "function": {"name": "f",
+                                                                                            "arguments": "{}"}}]}]},
+     "unknown_tool"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}], "messages": [
+        {"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}, "invalid_tools"),
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 2}]},
      "invalid_weight"),
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None}]}, "missing_content"),
@@ -95,15 +108,22 @@ def test_structure_codes(data, code):
     assert code in [c for c, _ in check_structure(data)]
 
 
-def test_a_tool_call_conversation_gets_one_clear_problem_not_three():
-    calls = [{"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}]
-    problems = check_structure({"messages": [
-        {"role": "user", "content": "Where is order 4417?"},
-        {"role": "assistant", "content": None, "tool_calls": calls},
-        {"role": "tool", "tool_call_id": "call_1", "content": "shipped"},
-        {"role": "assistant", "content": "Shipped."}]})
-    assert [code for code, _ in problems] == ["tool_calls_unsupported"]
-    assert problems[0][1].startswith("message 1 calls a tool")
+def test_openai_tool_call_rows_are_well_formed_and_the_legacy_format_gets_one_clear_problem():
+    calls = [{"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": '{"order": "4417"}'}}]
+    tools = [{"type": "function", "function": {"name": "lookup", "description": "Find an order",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    row = {"messages": [{"role": "user", "content": "Where is order 4417?"},
+                        {"role": "assistant", "content": None, "tool_calls": calls},
+                        {"role": "tool", "tool_call_id": "call_1", "content": "shipped"},
+                        {"role": "assistant", "content": "Shipped."}]}
+    assert check_structure(row) == [] and check_structure({**row, "tools": tools, "parallel_tool_calls": False}) == []
+    legacy = check_structure({"messages": [{"role": "user", "content": "x"},
+                                           {"role": "assistant", "content": None,
+                                            "function_call": {"name": "lookup", "arguments": "{}"}},
+                                           {"role": "function", "name": "lookup", "content": "shipped"},
+                                           {"role": "assistant", "content": "Shipped."}]})
+    assert [code for code, _ in legacy] == ["legacy_function_call"]
+    assert legacy[0][1].startswith("message 1 uses OpenAI's deprecated `function_call`")
 
 
 def test_well_formed_rows_pass_including_weights_and_text_parts():

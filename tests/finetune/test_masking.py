@@ -118,3 +118,65 @@ def test_too_long_conversation_is_refused(encoder):
         encoder.encode(CONVERSATION, max_len=20)
     assert err.value.code == "too_long"
     assert "max_seq_len = 20" in str(err.value)
+
+
+TOOLS = [{"type": "function", "function": {
+    "name": "lookup_order", "description": "Find an order by its number",
+    "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]}}}]
+TOOL_CONVERSATION = {"tools": TOOLS, "messages": [
+    {"role": "user", "content": "Where is order 4417?"},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+        "name": "lookup_order", "arguments": '{"order_id": "4417"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": '{"status": "shipped", "eta": "Thursday"}'},
+    {"role": "assistant", "content": "Order 4417 has shipped and arrives Thursday."}]}
+
+
+@pytest.fixture(scope="module")
+def tools_encoder(sovereign_home: Path) -> ChatEncoder:
+    """The default model's tokenizer with the shipped tools template (what `--chat-template` imports)."""
+    from transformers import AutoTokenizer
+
+    from tests.conftest import REPO
+
+    tokenizer = AutoTokenizer.from_pretrained(str(sovereign_home / "models" / DEFAULT_MODEL_NAME),
+                                              local_files_only=True)
+    tokenizer.chat_template = (REPO / "configs" / "chat_templates" / "chatml-tools.jinja").read_text()
+    return ChatEncoder(tokenizer)
+
+
+def test_a_tool_call_turn_trains_the_call_as_the_parser_reads_it_and_the_result_does_not(tools_encoder):
+    enc = tools_encoder.encode(TOOL_CONVERSATION)
+    runs = [tools_encoder.tokenizer.decode(r) for r in trained_runs(enc)]
+    assert runs == ['<tool_call>\n{"name": "lookup_order", "arguments": {"order_id": "4417"}}\n</tool_call><|im_end|>',
+                    "Order 4417 has shipped and arrives Thursday.<|im_end|>"]
+    full = tools_encoder.render(TOOL_CONVERSATION)
+    assert '"name": "lookup_order", "description": "Find an order by its number"' in full  # the model sees its tools
+    assert "<tool_response>\n{\"status\": \"shipped\"" in full and "shipped" not in "".join(runs[:1])
+    assert enc.input_ids == tools_encoder.render_ids(TOOL_CONVERSATION)
+
+
+def test_a_call_with_text_before_it_trains_both_and_weight_zero_trains_neither(tools_encoder):
+    conv = {"tools": TOOLS, "messages": [dict(m) for m in TOOL_CONVERSATION["messages"]]}
+    conv["messages"][1]["content"] = "Let me look that up."
+    runs = [tools_encoder.tokenizer.decode(r) for r in trained_runs(tools_encoder.encode(conv))]
+    assert runs[0].startswith("Let me look that up.\n<tool_call>\n")
+    conv["messages"][1]["weight"] = 0
+    runs = [tools_encoder.tokenizer.decode(r) for r in trained_runs(tools_encoder.encode(conv))]
+    assert runs == ["Order 4417 has shipped and arrives Thursday.<|im_end|>"]
+
+
+def test_a_template_without_tools_refuses_tool_conversations_with_a_stable_code(encoder, tools_encoder):
+    assert tools_encoder.renders_tools and not encoder.renders_tools
+    for conversation in (TOOL_CONVERSATION, TOOL_CONVERSATION["messages"]):
+        with pytest.raises(FinetuneError) as err:
+            encoder.encode(conversation)
+        assert err.value.code == "template_lacks_tools" and "--chat-template" in str(err.value)
+    plain = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}]
+    assert tools_encoder.encode(plain).input_ids == encoder.encode(plain).input_ids  # unchanged without tools
+
+
+def test_text_parts_are_joined_as_vllm_joins_them(encoder):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Where is"}, {"type": "text", "text": "my order?"}]},
+             {"role": "assistant", "content": "On its way."}]
+    joined = [{"role": "user", "content": "Where is\nmy order?"}, {"role": "assistant", "content": "On its way."}]
+    assert encoder.encode(parts).input_ids == encoder.encode(joined).input_ids
