@@ -126,9 +126,10 @@ class ChatEncoder:
     def renders_tools(self) -> bool:
         """Whether the template shows the model its tools and its own earlier calls (probed once)."""
         if self._renders_tools is None:
+            call = {"name": "sovereign_probe_call", "arguments": '{"sovereign_probe_argument": 1}'}
             probe = [{"role": "user", "content": "hi"},
-                     {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
-                         "name": "sovereign_probe_call", "arguments": '{"sovereign_probe_argument": 1}'}}]},
+                     {"role": "assistant", "content": None,
+                      "tool_calls": [{"id": "c1", "type": "function", "function": call}]},
                      {"role": "tool", "tool_call_id": "c1", "content": "sovereign probe result"}]
             tools = [{"type": "function", "function": {"name": "sovereign_probe_tool", "parameters": {}}}]
             try:

@@ -597,6 +597,8 @@ def to_csv(conversations: list[list[Message]]) -> str:
 
 def generate(out_dir: Path, *, conversations: int = 3000, seed: int = 0, slice_size: int = 200) -> dict[str, Any]:
     """Write the sample set into `out_dir` and return its manifest (also written as manifest.json)."""
+    from finetune.sample_tools import TOOLS_FILE, tool_conversations  # it builds on this module's slots
+
     sample, pii = build(conversations, seed)
     r = random.Random(seed + 1)
     half = len(sample.rows) // 2
@@ -610,6 +612,7 @@ def generate(out_dir: Path, *, conversations: int = 3000, seed: int = 0, slice_s
         SHAREGPT_FILE: json.dumps([to_sharegpt(m) for m in slice_rows], ensure_ascii=False, indent=1) + "\n",
         ALPACA_FILE: json.dumps([to_alpaca(m) for m in slice_rows], ensure_ascii=False, indent=1) + "\n",
         CSV_FILE: to_csv(slice_rows),
+        TOOLS_FILE: _jsonl(tool_conversations(max(40, len(sample.rows) // 5), seed)),
     }
     for name, text in texts.items():
         tmp = out_dir / f".{name}.tmp"

@@ -126,7 +126,8 @@ def _check_calls(i: int, calls: Any, tool_names: set[str] | None, add) -> set[st
     for j, call in enumerate(calls):
         fn = call.get("function") if isinstance(call, dict) else None
         where = f"message {i} tool_calls[{j}]"
-        if not isinstance(fn, dict) or not isinstance(call.get("id"), str) or call.get("type", "function") != "function":
+        if (not isinstance(fn, dict) or not isinstance(call.get("id"), str)
+                or call.get("type", "function") != "function"):
             add("invalid_tool_call", f"{where} must be {{\"id\", \"type\": \"function\", \"function\": "
                                      f"{{\"name\", \"arguments\"}}}}")
             continue

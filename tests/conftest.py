@@ -87,15 +87,16 @@ class ServerHandle:
         return "\n".join(texts)
 
 
-def start_supervisor(home: Path, *extra: str, log_name: str = "supervisor.log") -> ServerHandle:
+def start_supervisor(home: Path, *extra: str, log_name: str = "supervisor.log",
+                     model: str = DEFAULT_MODEL) -> ServerHandle:
     port, health = free_port(), free_port()
     log_path = home / log_name
     env = offline_env(SOVEREIGN_HOME=str(home), PYTHONPATH=str(REPO), SOVEREIGN_SERVING_ADAPTER_POLL_S="0.5")
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(sovereign_cmd("serve", "--profile", "cpu", "--model", DEFAULT_MODEL, "--port",
+        proc = subprocess.Popen(sovereign_cmd("serve", "--profile", "cpu", "--model", model, "--port",
                                               str(port), "--health-port", str(health), *extra),
                                 env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
-    return ServerHandle(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{health}", DEFAULT_MODEL, home, proc, log_path)
+    return ServerHandle(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{health}", model, home, proc, log_path)
 
 
 def stop_supervisor(handle: ServerHandle) -> None:
