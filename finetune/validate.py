@@ -1,7 +1,9 @@
 """Validation: every problem of every row, with its line and a stable code; nothing trains on a row that fails.
 
 Two passes. `check_structure` needs no model: OpenAI's own classes (a row is an object with a non-empty `messages`
-list of {role, content[, name, weight]} with known roles and at least one assistant message). `TokenCheck` renders
+list of {role, content[, name, weight]} with known roles and at least one assistant message), and for conversations
+that use tools OpenAI's function-calling format: `tools` beside `messages`, assistant `tool_calls` whose arguments are
+a JSON object in a string, `tool` messages answering an earlier call by its id. `TokenCheck` renders
 each conversation with the model's own chat template through `finetune.masking.ChatEncoder`, the very code the
 trainer uses, so `too_long`, `no_trainable_tokens` and `template_render_error` mean exactly what training would hit.
 """

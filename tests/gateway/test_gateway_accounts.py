@@ -30,6 +30,16 @@ def wait_for(check, timeout: float = 2.0) -> None:
             time.sleep(0.05)
 
 
+def refused_attempts(gw, key_id: str) -> list[dict]:
+    """The audit records of calls refused (401) with this key."""
+    from gateway.audit_read import export
+
+    out = io.StringIO()
+    export(gw.app.config.resolved_database_url(), out)
+    rows = [json.loads(line) for line in out.getvalue().splitlines()]
+    return [r for r in rows if r["key_id"] == key_id and r["status"] == 401]
+
+
 def test_admin_api_creates_team_and_key_and_revokes_it(gw):
     admin = httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {gw.admin_key}"})
     r = admin.post("/admin/teams", json={"name": "sales", "allowed_models": ["fake-model"], "max_tokens": 64,
@@ -51,8 +61,6 @@ def test_admin_api_creates_team_and_key_and_revokes_it(gw):
 
 def test_a_revoked_key_says_so_and_its_attempts_are_audited_under_its_key(gw):
     """After a revocation, the app (or whoever found the leaked key) still calling with it is in the trail."""
-    from gateway.audit_read import export
-
     admin = httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {gw.admin_key}"})
     assert admin.post("/admin/teams", json={"name": "leaky", "allowed_models": ["fake-model"]}).status_code == 201
     created = admin.post("/admin/keys", json={"team": "leaky", "name": "old-crm"}).json()
@@ -67,10 +75,7 @@ def test_a_revoked_key_says_so_and_its_attempts_are_audited_under_its_key(gw):
     wait_for(refused_as_revoked)
     with pytest.raises(openai.AuthenticationError, match="was revoked at"):
         client.files.list()  # the FastAPI-served /v1 endpoints say the same
-    out = io.StringIO()
-    export(gw.app.config.resolved_database_url(), out)
-    rows = [json.loads(line) for line in out.getvalue().splitlines()]
-    attempts = [r for r in rows if r["key_id"] == created["id"] and r["status"] == 401]
+    attempts = refused_attempts(gw, created["id"])
     assert len(attempts) >= 1 and attempts[-1]["team"] == "leaky"
 
 
@@ -227,12 +232,7 @@ def test_a_key_that_expires_stops_working_everywhere_and_says_when(gw):
     with pytest.raises(openai.AuthenticationError, match="expired at"):
         client.files.list()  # the FastAPI-served /v1 endpoints say the same
     # Who still calls with the expired key is in the audit trail and the metrics, under its key and team.
-    from gateway.audit_read import export
-
-    out = io.StringIO()
-    export(gw.app.config.resolved_database_url(), out)
-    attempts = [json.loads(line) for line in out.getvalue().splitlines()]
-    attempt = [r for r in attempts if r["key_id"] == created["id"] and r["status"] == 401]
+    attempt = refused_attempts(gw, created["id"])
     assert len(attempt) == 1 and attempt[0]["team"] == "pilot" and attempt[0]["policy"]["error"] == "invalid_api_key"
     metrics = httpx.get(f"{gw.url}/metrics").text
     assert re.search(r'requests_total\{(?=[^}]*team="pilot")(?=[^}]*status="401")[^}]*\} 1\.0', metrics)
