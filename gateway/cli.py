@@ -67,7 +67,6 @@ def gateway(config: ConfigOpt = None,
     from gateway.app import serve
     from gateway.config import load_gateway_config
     from sovereign.logs import setup_json_logging
-
     from sovereign.pii_rules import install as install_pii_rules
 
     overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}

@@ -86,7 +86,8 @@ class CustomKind:
     placeholder: str
     # Not glued to an ASCII letter or digit before, nor continuing a code through a separator ("X-", "2023-"): the
     # regex holds the check after the match; the one before is made here, because a pattern that starts with a
-    # look-behind loses the engine's skip to its first character (measured 3x slower on a chat prompt).
+    # look-behind loses the engine's skip to its first character (measured on a 600-character prompt: three kinds
+    # added 42-92 µs with the look-behind, 0-24 µs without).
     whole_word: bool = False
 
 
