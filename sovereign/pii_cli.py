@@ -35,8 +35,9 @@ def kinds(rules: RulesOpt = None, as_json: JsonOpt = False) -> None:
     from sovereign import pii
 
     loaded = _install(rules)
-    rows = [{"kind": k, "placeholder": p, "from": loaded.file if k in loaded.kinds else "built-in"}
-            for k, p in ((k, pii.placeholders()[k]) for k in pii.kinds())]
+    names = pii.placeholders()
+    rows = [{"kind": k, "placeholder": names[k], "from": loaded.file if k in loaded.kinds else "built-in"}
+            for k in pii.kinds()]
     if as_json:
         print(json.dumps(rows, indent=2))
         return

@@ -36,7 +36,6 @@ ENV_VAR = "SOVEREIGN_PII_RULES"
 FILE_NAME = "pii-rules.yaml"
 _KIND_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
 _PLACEHOLDER = re.compile(r"\[[A-Z][A-Z_]{0,39}\]")  # no digits: no built-in kind finds it
-_EDGE = "0-9A-Za-z_"  # ASCII only, as the built-in kinds: a CJK character next to a code is not part of it
 
 
 class KindRule(BaseModel):
@@ -82,19 +81,21 @@ def rules_path() -> Path | None:
     return default if default.is_file() else None
 
 
-def compile_rules(text: str, where: str) -> tuple[pii.CustomKind, ...]:
-    """The kinds of a rules file's text; ConfigError naming `where` and the kind when one is unusable."""
+def read_rules(text: str, where: str) -> RulesFile:
+    """A rules file's text, validated; ConfigError naming `where` and the field."""
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where}: not valid YAML: {exc}") from None
     try:
-        spec = RulesFile.model_validate(data)
+        return RulesFile.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{where}: {describe_validation_error(exc)}") from None
-    out = []
-    for kind, rule in spec.kinds.items():
-        out.append(_compile_kind(kind, rule, f"{where}: kinds.{kind}"))
+
+
+def compile_rules(spec: RulesFile, where: str) -> tuple[pii.CustomKind, ...]:
+    """The kinds of a rules file; ConfigError naming `where` and the kind when one is unusable."""
+    out = [_compile_kind(kind, rule, f"{where}: kinds.{kind}") for kind, rule in spec.kinds.items()]
     _check_placeholders(out, where)
     return tuple(out)
 
@@ -111,11 +112,8 @@ def _compile_kind(kind: str, rule: KindRule, where: str) -> pii.CustomKind:
         raise ConfigError(f"{where}.pattern does not compile: {exc}") from None
     if bare.fullmatch("") is not None:
         raise ConfigError(f"{where}.pattern matches the empty string, so it would find personal data everywhere")
-    # As the built-in kinds: not glued to a letter or digit, nor continuing a code through a separator (2023-...);
-    # sovereign.pii checks the side before the match.
-    source = f"(?:{rule.pattern})(?![{_EDGE}])(?![-/.][0-9])" if rule.whole_word else rule.pattern
-    regex = re.compile(source, re.IGNORECASE if rule.ignore_case else 0)
-    return pii.CustomKind(kind, regex, rule.placeholder or f"[{kind.upper()}]", rule.whole_word)
+    return pii.CustomKind.compile(kind, rule.pattern, rule.placeholder or f"[{kind.upper()}]",
+                                  ignore_case=rule.ignore_case, whole_word=rule.whole_word)
 
 
 def _check_placeholders(custom: list[pii.CustomKind], where: str) -> None:
@@ -132,8 +130,7 @@ def _check_placeholders(custom: list[pii.CustomKind], where: str) -> None:
                                   f"text would be redacted again; make the pattern stricter")
 
 
-def _check_examples(text: str, where: str) -> None:
-    spec = RulesFile.model_validate(yaml.safe_load(text) or {})
+def _check_examples(spec: RulesFile, where: str) -> None:
     for kind, rule in spec.kinds.items():
         for example in rule.examples:
             found = [(m.kind, m.text) for m in pii.find_pii(example)]
@@ -154,11 +151,11 @@ def install(path: Path | None = None) -> PiiRules:
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the PII rules: {exc.strerror}", code="config_not_found") from None
-    text = raw.decode("utf-8", errors="replace")
-    custom = compile_rules(text, str(path))
+    spec = read_rules(raw.decode("utf-8", errors="replace"), str(path))
+    custom = compile_rules(spec, str(path))
     previous = pii.use_custom_kinds(custom)
     try:
-        _check_examples(text, str(path))
+        _check_examples(spec, str(path))
     except ConfigError:
         pii.use_custom_kinds(previous)
         raise
