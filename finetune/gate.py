@@ -28,7 +28,6 @@ from pydantic import BaseModel, Field
 from finetune.masking import IGNORE_INDEX, ChatEncoder, Conversation, conversation_parts, with_messages
 
 
-
 class GateSettings(BaseModel):
     """Where the served vLLM is and how strict the gate is."""
 

@@ -104,20 +104,18 @@ class ChatEncoder:
     # -- rendering ---------------------------------------------------------------------------------------------
 
     def render(self, conversation: Conversation, *, add_generation_prompt: bool = False) -> str:
-        messages, tools = conversation_parts(conversation)
-        self._require_tools(messages, tools)
+        messages, tools = self._template_input(conversation)
         try:
-            return self.tokenizer.apply_chat_template(_template_view(messages), tools=_tools_view(tools),
-                                                      tokenize=False, add_generation_prompt=add_generation_prompt)
+            return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
         except Exception as exc:  # jinja raises its own types (TemplateError, TypeError on bad content)
             raise FinetuneError(f"the chat template could not render this conversation: {exc}",
                                 code="template_render_error") from exc
 
     def render_ids(self, conversation: Conversation, *, add_generation_prompt: bool = False) -> list[int]:
         """The template's own tokenization: what the served model sees for these messages."""
-        messages, tools = conversation_parts(conversation)
-        self._require_tools(messages, tools)
-        out = self.tokenizer.apply_chat_template(_template_view(messages), tools=_tools_view(tools), tokenize=True,
+        messages, tools = self._template_input(conversation)
+        out = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=True,
                                                  add_generation_prompt=add_generation_prompt)
         ids = out["input_ids"] if hasattr(out, "keys") else out
         return list(ids)
@@ -141,13 +139,16 @@ class ChatEncoder:
                                                           "sovereign_probe_argument", "sovereign probe result"))
         return self._renders_tools
 
-    def _require_tools(self, messages: Sequence[Message], tools: Sequence[Any] | None) -> None:
+    def _template_input(self, conversation: Conversation) -> tuple[list[Message], list[dict[str, Any]] | None]:
+        """The messages and tools as the template sees them, once it is known to render what they hold."""
+        messages, tools = conversation_parts(conversation)
         if uses_tools(messages, tools) and not self.renders_tools:
             raise FinetuneError("this conversation uses tools, but the model's chat template does not show a model "
                                 "its tools and tool calls, so the served model would never see them; import the "
                                 "model with a template that does (`sovereign models import ... --chat-template "
                                 "configs/chat_templates/chatml-tools.jinja` for ChatML models such as SmolLM2)",
                                 code="template_lacks_tools")
+        return _template_view(messages), _tools_view(tools)
 
     def _detect_end_of_turn(self) -> str:
         """The special token the template writes right after an assistant message's content."""

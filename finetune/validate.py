@@ -19,12 +19,11 @@ from typing import Any
 
 from finetune.errors import FinetuneError
 from finetune.intake import Row
-from finetune.masking import training_view
+from finetune.masking import ChatEncoder, training_view
 from finetune.problems import Problem
 
 ROLES = ("system", "user", "assistant", "tool")
 MESSAGE_KEYS = frozenset({"role", "content", "name", "weight", "tool_calls", "tool_call_id"})
-ROW_KEYS = frozenset({"messages", "tools", "parallel_tool_calls"})  # OpenAI's fine-tuning row; others are ignored
 _FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -151,8 +150,6 @@ def _check_calls(i: int, calls: Any, tool_names: set[str] | None, add) -> set[st
 
 def load_encoder(model_dir: Path):
     """The trainer's ChatEncoder for the model store folder (tokenizer and chat template from there, offline)."""
-    from finetune.masking import ChatEncoder
-
     if not (model_dir / "tokenizer_config.json").is_file() and not (model_dir / "tokenizer.json").is_file():
         raise FinetuneError(f"{model_dir} has no tokenizer files; import the model with `sovereign models import`",
                             code="model_not_found")

@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 from serving.errors import ImportFailed, ModelExists, ModelInUse, ModelNotFound, ModelTampered
 from sovereign.formats import MODEL_MANIFEST, ModelManifest, ModelOrigin, digest_files, sha256_file, sha256_text
@@ -85,8 +86,15 @@ def _chat_template_sha256(folder: Path) -> str | None:
     return None
 
 
-def _read_chat_template(path: Path) -> str:
+class _Template(NamedTuple):
+    path: Path
+    text: str
+
+
+def _read_chat_template(path: Path | None) -> _Template | None:
     """A Jinja chat template that parses, refused before anything is imported."""
+    if path is None:
+        return None
     import jinja2
 
     try:
@@ -99,7 +107,7 @@ def _read_chat_template(path: Path) -> str:
         raise ImportFailed(f"{path}:{exc.lineno}: not a valid Jinja chat template: {exc.message}") from None
     if "messages" not in text:
         raise ImportFailed(f"{path}: a chat template renders `messages`; this one never reads them")
-    return text
+    return _Template(path, text)
 
 
 def _replace_chat_template(folder: Path, template: str) -> None:
@@ -224,8 +232,7 @@ class ModelStore:
         gguf = gguf.resolve()
         if not gguf.is_file():
             raise ImportFailed(f"{gguf}: no such GGUF file")
-        if chat_template is not None:
-            _read_chat_template(chat_template)  # refused before a minute of dequantizing, not after
+        template = _read_chat_template(chat_template)  # refused before a minute of dequantizing, not after
         say = progress or (lambda _msg: None)
         say(f"hashing {gguf.name}")
         source_sha = sha256_file(gguf)
@@ -236,7 +243,7 @@ class ModelStore:
             say(f"dequantizing {gguf.name} to {dtype} safetensors")
             dequantize_gguf(gguf, tmp, dtype=dtype)
 
-        return self._import(name, build, origin, license or meta.get("general.license"), say, force, chat_template)
+        return self._import(name, build, origin, license or meta.get("general.license"), say, force, template)
 
     def import_hf(self, folder: Path, name: str, *, license: str | None = None, progress: Progress | None = None,
                   force: bool = False, chat_template: Path | None = None) -> ModelManifest:
@@ -244,6 +251,7 @@ class ModelStore:
         folder = folder.resolve()
         if not (folder / "config.json").is_file():
             raise ImportFailed(f"{folder}: not an HF model folder (no config.json)")
+        template = _read_chat_template(chat_template)
         say = progress or (lambda _msg: None)
         origin = ModelOrigin(kind="hf", source=str(folder))
 
@@ -254,7 +262,7 @@ class ModelStore:
                     say(f"copying {f.name}")
                     shutil.copy2(f, tmp / f.name)
 
-        return self._import(name, build, origin, license, say, force, chat_template)
+        return self._import(name, build, origin, license, say, force, template)
 
     def import_default(self, progress: Progress | None = None, *, name: str = DEFAULT_MODEL_NAME,
                        chat_template: Path | None = None) -> ModelManifest:
@@ -282,7 +290,7 @@ class ModelStore:
         shutil.rmtree(aside, ignore_errors=True)
 
     def _import(self, name: str, build: Callable[[Path], None], origin: ModelOrigin, license: str | None,
-                say: Progress, force: bool, chat_template: Path | None = None) -> ModelManifest:
+                say: Progress, force: bool, template: _Template | None = None) -> ModelManifest:
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ImportFailed(f"invalid model name {name!r}: {_NAME_RULE}")
         target = self.path(name)
@@ -291,14 +299,13 @@ class ModelStore:
         if target.exists() and not force:
             raise ModelExists(f"{target} exists but has no {MODEL_MANIFEST} (not a model the store imported); "
                               f"move it away or pass --force to replace it")
-        template = _read_chat_template(chat_template) if chat_template is not None else None
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".import-{name}-"))
         try:
             build(tmp)
             if template is not None:
-                say(f"replacing the chat template with {chat_template.name}")
-                _replace_chat_template(tmp, template)
+                say(f"replacing the chat template with {template.path.name}")
+                _replace_chat_template(tmp, template.text)
             say("hashing imported files")
             config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
             params, dtype = _param_count_and_dtype(tmp)
@@ -313,7 +320,7 @@ class ModelStore:
                 origin=origin,
                 files=digest_files(tmp),
                 # Only when given, so that the manifests of models imported with their own template hash as before.
-                **({"chat_template_source": str(chat_template.resolve())} if chat_template is not None else {}),
+                **({"chat_template_source": str(template.path.resolve())} if template is not None else {}),
             )
             manifest.write(tmp / MODEL_MANIFEST)
             self._swap_in(tmp, target)
