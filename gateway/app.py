@@ -20,6 +20,7 @@ from gateway.db import init_db, make_engine
 from gateway.directory import Directory, KeyEntry
 from gateway.fine_tuning import PREFIXES as FINE_TUNING_PATHS, FineTuning
 from gateway.metrics import GatewayMetrics
+from gateway.pii_watch import PiiRulesWatch
 from gateway.proxy import JSON_HEADERS, Proxy, _respond
 from gateway.quotas import QuotaLimits, make_quota_store
 from gateway.routing import Router
@@ -53,6 +54,7 @@ class GatewayApp:
         self.fine_tuning = FineTuning(config, self.directory, lambda: list(self.router.pools),
                                       on_succeeded=self._discover_adapter)
         self.proxy.owner = self.fine_tuning.owner  # adapters made by fine-tune jobs belong to their team
+        self.pii_watch = PiiRulesWatch(config.pii_rules_refresh_s, self.metrics)
         self.quotas: Any = None
         self.audit: Any = None
 
@@ -74,9 +76,11 @@ class GatewayApp:
         await self.proxy.start()
         await self.router.start(self.proxy.session)
         await self.fine_tuning.start()
+        await self.pii_watch.start()
         log.info("gateway ready", extra={"models": list(self.config.models), "replicas": len(self.router.replicas)})
 
     async def shutdown(self) -> None:
+        await self.pii_watch.stop()
         await self.fine_tuning.stop()
         await self.router.stop()
         await self.directory.stop()
@@ -141,7 +145,7 @@ class GatewayApp:
     def status(self) -> dict[str, Any]:
         return {"directory_loaded": self.directory.loaded, "inflight": self.proxy.inflight,
                 "replicas": [r.status() for r in self.router.replicas.values()],
-                "models": [c["id"] for c in self.router.model_cards()]}
+                "models": [c["id"] for c in self.router.model_cards()], "pii_rules": self.pii_watch.status()}
 
 
 async def _maybe_await(value: Any) -> Any:

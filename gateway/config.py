@@ -49,6 +49,8 @@ class GatewayConfig(YamlSettings):
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
     health_check_interval_s: float = Field(5.0, gt=0)
     directory_refresh_s: float = Field(0.5, gt=0)
+    # How often the PII rules file is read for changes (0: only at start); a change applies after two equal reads.
+    pii_rules_refresh_s: float = Field(1.0, ge=0)
     # Reserved against token quotas when a request names no max_tokens and the team sets no cap.
     default_max_tokens_reservation: int = Field(1024, gt=0)
     # Retries on another replica when a failure happens before the first byte (connect error, 502/503).

@@ -45,6 +45,13 @@ class GatewayMetrics:
         self.replica_healthy = Gauge(p + "replica_healthy", "1 if the replica answered its last health check.",
                                      ["replica"], registry=r)
 
+        self.pii_rules_reloads = Counter(p + "pii_rules_reloads", "Changes to the PII rules file, by result: "
+                                         "applied, or refused (the kinds before stay in force).", ["result"],
+                                         registry=r)
+        self.pii_rules_refused = Gauge(p + "pii_rules_refused", "1 while the PII rules file on disk is refused and "
+                                       "the rules loaded before it stay in force.", registry=r)
+        self.pii_rules_kinds = Gauge(p + "pii_rules_kinds", "The organisation's own PII kinds in force.", registry=r)
+
         self._children: dict[tuple, object] = {}
 
     def child(self, metric, *labels: str):

@@ -1,5 +1,5 @@
-"""`sovereign pii kinds|check`: what counts as personal data here, and what a text would become, before a gateway
-restart or a fine-tune job relies on a new rules file."""
+"""`sovereign pii kinds|check`: what counts as personal data here, and what a text would become, before the gateways
+or a fine-tune job rely on a new rules file."""
 
 from __future__ import annotations
 

@@ -14,8 +14,9 @@ same things:
         whole_word: true               # not inside a longer code: XCUST-00412345, CUST-004123456-7
 
 Everything is checked when the file is loaded, so a gateway or a fine-tune job refuses to start on a rule that would
-misbehave, naming the kind: a pattern that does not compile or matches nothing at all, a placeholder that some
-pattern finds (redaction would not be idempotent), an example not found whole.
+misbehave, and a running gateway refuses such a change (`gateway.pii_watch`), naming the kind: a pattern that does
+not compile or matches nothing at all, a placeholder that some pattern finds (redaction would not be idempotent), an
+example not found whole.
 """
 
 from __future__ import annotations
@@ -145,12 +146,16 @@ def install(path: Path | None = None) -> PiiRules:
     only the built-in kinds. A bad file raises ConfigError and leaves the kinds found before in place."""
     path = path if path is not None else rules_path()
     if path is None:
-        pii.use_custom_kinds(())
-        return PiiRules()
+        return uninstall()
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the PII rules: {exc.strerror}", code="config_not_found") from None
+    return install_bytes(raw, path)
+
+
+def install_bytes(raw: bytes, path: Path) -> PiiRules:
+    """`install` for a rules file already read (a watcher hashes what it read, and installs exactly that)."""
     spec = read_rules(raw.decode("utf-8", errors="replace"), str(path))
     custom = compile_rules(spec, str(path))
     previous = pii.use_custom_kinds(custom)
@@ -159,4 +164,25 @@ def install(path: Path | None = None) -> PiiRules:
     except ConfigError:
         pii.use_custom_kinds(previous)
         raise
-    return PiiRules(file=str(path), sha256=hashlib.sha256(raw).hexdigest(), kinds=[c.kind for c in custom])
+    return _installed_now(PiiRules(file=str(path), sha256=hashlib.sha256(raw).hexdigest(),
+                                   kinds=[c.kind for c in custom]))
+
+
+def uninstall() -> PiiRules:
+    """Only the built-in kinds from now, as without a rules file."""
+    pii.use_custom_kinds(())
+    return _installed_now(PiiRules())
+
+
+_installed = PiiRules()
+
+
+def installed() -> PiiRules:
+    """The rules file `sovereign.pii` finds kinds from now (empty: built-in kinds only)."""
+    return _installed
+
+
+def _installed_now(rules: PiiRules) -> PiiRules:
+    global _installed
+    _installed = rules
+    return rules

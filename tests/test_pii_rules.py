@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from sovereign import pii
+from sovereign import pii, pii_rules
 from sovereign.errors import ConfigError
 from sovereign.pii_rules import ENV_VAR, install, rules_path
 from tests.conftest import run_sovereign
@@ -29,7 +29,7 @@ kinds:
 @pytest.fixture(autouse=True)
 def built_in_only_after():
     yield
-    pii.use_custom_kinds(())
+    pii_rules.uninstall()
 
 
 @pytest.fixture()
@@ -61,7 +61,7 @@ def test_whole_word_keeps_longer_codes_and_the_org_kind_outranks_a_card_of_equal
     card += pii.luhn_check_digit(card)  # 16 digits that a built-in kind finds too
     assert pii.bank_card_valid(card)
     assert [m.kind for m in pii.find_pii(f"account {card}")] == ["account"]
-    pii.use_custom_kinds(())
+    pii_rules.uninstall()
     assert [m.kind for m in pii.find_pii(f"account {card}")] == ["bank_card"]
 
 

@@ -38,11 +38,11 @@ def no_pii_rules(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def built_in_pii_kinds_only(no_pii_rules, monkeypatch):
     """In-process prepare loads the organisation's PII rules: not the ones of whoever runs the tests (~/.sovereign)."""
-    from sovereign import pii
+    from sovereign import pii_rules
 
     monkeypatch.setenv("SOVEREIGN_PII_RULES", str(no_pii_rules))
     yield
-    pii.use_custom_kinds(())
+    pii_rules.uninstall()
 
 
 @pytest.fixture(scope="session")

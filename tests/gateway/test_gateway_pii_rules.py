@@ -1,13 +1,16 @@
 """The organisation's own PII kinds ($SOVEREIGN_HOME/pii-rules.yaml) in a real `sovereign gateway` process, in front
 of the fake upstream: pii=redact hides them from the replica, the audit store and the log; pii=block refuses them;
-a rules file that would misbehave stops the gateway at start, naming the rule."""
+a rules file that would misbehave stops the gateway at start, naming the rule; a changed file reaches the running
+gateway, and a bad change is refused while the kinds before stay in force."""
 
 from __future__ import annotations
 
 import io
 import json
 import subprocess
+import time
 
+import httpx
 import openai
 import pytest
 
@@ -62,3 +65,43 @@ def test_a_rules_file_that_would_misbehave_stops_the_gateway_at_start(tmp_path, 
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert f"{rules}: kinds.case_id.pattern matches the empty string" in " ".join((proc.stdout + proc.stderr).split())
+
+
+def test_a_changed_rules_file_reaches_the_running_gateway_and_a_bad_one_changes_nothing(tmp_path, upstream):
+    rules = tmp_path / "pii-rules.yaml"
+    rules.write_text(RULES)
+    config = write_gateway_config(tmp_path / "gateway.yaml", models={"fake-model": [upstream.url]},
+                                  database_url=f"sqlite:///{tmp_path / 'gateway.db'}", pii_rules_refresh_s=0.2)
+    gw = start_gateway_process(config, tmp_path, name="pii-reload-gateway")
+    try:
+        client = gw.client(gw.make_key("careful", pii="redact"))
+
+        def sent(content: str) -> str:
+            client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": content}])
+            return upstream.requests[-1]["messages"][0]["content"]
+
+        def pii_status() -> dict:
+            return httpx.get(f"{gw.url}/readyz").json()["pii_rules"]
+
+        assert sent("CUST-00412345 about POL-123456") == "[CUSTOMER_ID] about POL-123456"
+        rules.write_text(RULES + "  policy_number:\n    pattern: 'POL-[0-9]{6}'\n    examples: ['POL-123456']\n")
+        wait_for(lambda: pii_status()["kinds"] == ["customer_id", "policy_number"])
+        assert sent("CUST-00412345 about POL-123456") == "[CUSTOMER_ID] about [POLICY_NUMBER]"
+
+        rules.write_text("kinds:\n  case_id:\n    pattern: '[0-9]*'\n")  # would drop both kinds: refused
+        wait_for(lambda: pii_status()["refused"] is not None)
+        assert "kinds.case_id.pattern matches the empty string" in pii_status()["refused"]["error"]
+        assert sent("CUST-00412345 about POL-123456") == "[CUSTOMER_ID] about [POLICY_NUMBER]"
+        assert "sovereign_gateway_pii_rules_refused 1.0" in httpx.get(f"{gw.url}/metrics").text
+    finally:
+        gw.stop()
+    log_text = gw.log_path.read_text()
+    assert "PII rules reloaded" in log_text and "PII rules change refused" in log_text
+    assert "CUST-00412345" not in log_text and "POL-123456" not in log_text
+
+
+def wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the gateway did not pick up the rules file"
+        time.sleep(0.1)
