@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from finetune.errors import FinetuneError
 from finetune.intake import Row
-from sovereign.pii import contains_pii, kinds, redact
+from sovereign.pii import PiiRuleTimeout, contains_pii, kinds, redact
 
 
 class ScrubReport(BaseModel):
@@ -99,30 +99,37 @@ def scrub_rows(rows: list[Row], progress: Callable[[], None] | None = None) -> t
     report = ScrubReport()
     out = []
     for row in rows:
-        messages = []
-        row_changed = False
-        for msg in row.data["messages"]:
-            new, changed = _scrub_message(msg, report)
-            messages.append(new)
-            if changed:
-                report.messages_changed += 1
-                row_changed = True
-        data = {**row.data, "messages": messages}
-        if row.data.get("tools"):
-            data["tools"] = scrub_tools(row.data["tools"], report)
-            if data["tools"] != row.data["tools"]:
-                row_changed = True
-        for msg in messages:
-            if any(contains_pii(text) for text in _texts(msg)):
-                raise FinetuneError(f"line {row.line}: personal data is still found after scrubbing; refusing to "
-                                    "write it (report this as a bug in sovereign.pii)", code="scrub_failed")
-        if row_changed:
-            report.rows_changed += 1
-            report.changed_lines.append(row.line)
-        out.append(Row(row.line, data))
+        try:
+            out.append(_scrub_row(row, report))
+        except PiiRuleTimeout as exc:
+            raise FinetuneError(f"line {row.line}: {exc}", code=exc.code) from None
         if progress is not None:
             progress()
     return out, report
+
+
+def _scrub_row(row: Row, report: ScrubReport) -> Row:
+    messages = []
+    row_changed = False
+    for msg in row.data["messages"]:
+        new, changed = _scrub_message(msg, report)
+        messages.append(new)
+        if changed:
+            report.messages_changed += 1
+            row_changed = True
+    data = {**row.data, "messages": messages}
+    if row.data.get("tools"):
+        data["tools"] = scrub_tools(row.data["tools"], report)
+        if data["tools"] != row.data["tools"]:
+            row_changed = True
+    for msg in messages:
+        if any(contains_pii(text) for text in _texts(msg)):
+            raise FinetuneError(f"line {row.line}: personal data is still found after scrubbing; refusing to "
+                                "write it (report this as a bug in sovereign.pii)", code="scrub_failed")
+    if row_changed:
+        report.rows_changed += 1
+        report.changed_lines.append(row.line)
+    return Row(row.line, data)
 
 
 def _texts(msg: dict[str, Any]) -> list[str]:

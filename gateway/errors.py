@@ -83,6 +83,14 @@ def overloaded(message: str, retry_after_s: float = 1.0) -> GatewayError:
                         headers={"retry-after": str(seconds), "retry-after-ms": str(seconds * 1000)})
 
 
+def pii_rule_timeout(kind: str) -> GatewayError:
+    # 500, not a 4xx: the request is sound, the organisation's rule is not; and unchecked text is never sent on.
+    return GatewayError(500, f"Personal data in this request could not be checked: the organisation's PII rule "
+                             f"`{kind}` ran past its time budget, so the request was not sent on. The rule needs "
+                             f"fixing; tell your platform team (the gateway's log names it).", type="server_error",
+                        code="pii_rule_timeout")
+
+
 def upstream_timeout(message: str) -> GatewayError:
     return GatewayError(504, message, type="timeout", code="upstream_timeout")
 

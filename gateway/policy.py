@@ -6,14 +6,16 @@ the logs; the decisions never contain the text itself.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import responses_api
 from gateway.directory import TeamPolicy
-from gateway.errors import content_policy, invalid_request
+from gateway.errors import content_policy, invalid_request, pii_rule_timeout
 from gateway.injection import detect_injection
 
+log = logging.getLogger("sovereign.gateway.policy")
 
 Triple = tuple[Any, str | int, str]  # (container, key, text): where a text is, so redaction writes back in place
 
@@ -204,6 +206,34 @@ def _refuse_personal_names(names: dict[str, str], decisions: dict) -> None:
             raise exc
 
 
+def _apply_pii(action: str, texts: list[Triple], names: dict[str, str], decisions: dict) -> list[Triple]:
+    """pii=block refuses texts with personal data; pii=redact rewrites them in their containers and returns them."""
+    from sovereign import pii
+
+    if action == "block":
+        kinds = sorted({m.kind for _, _, t in texts for m in pii.find_pii(t)}
+                       | {m.kind for name in names for m in pii.find_pii(name)})
+        if kinds:
+            decisions["pii"] = {"action": "blocked", "kinds": kinds}
+            raise _blocked(f"The request contains personal data ({', '.join(kinds)}) and this team's policy "
+                           f"blocks it; remove it or ask an admin for pii=redact.", decisions)
+        return texts
+    _refuse_personal_names(names, decisions)
+    counts: dict[str, int] = {}
+    redacted = []
+    for container, key, text in texts:
+        new, found = pii.redact(text)
+        if new != text:
+            container[key] = new
+            for k, n in found.items():
+                if n:
+                    counts[k] = counts.get(k, 0) + n
+        redacted.append((container, key, new))
+    if counts:
+        decisions["pii"] = {"action": "redacted", "counts": counts}
+    return redacted
+
+
 def apply_policy(policy: TeamPolicy, body: dict, kind: str) -> PolicyOutcome:
     """Apply `policy` to `body` (chat, completions, embeddings or responses) in place; raises 400
     content_policy_violation, or 400 invalid_request where pii=redact meets personal data it cannot rewrite (a tool
@@ -232,30 +262,16 @@ def apply_policy(policy: TeamPolicy, body: dict, kind: str) -> PolicyOutcome:
                               f"so `{field_}` must be text, not token ids.", param=field_)
 
     if policy.pii != "off" and (texts or names):
-        from sovereign import pii
+        from sovereign.pii import PiiRuleTimeout
 
-        if policy.pii == "block":
-            kinds = sorted({m.kind for _, _, t in texts for m in pii.find_pii(t)}
-                           | {m.kind for name in names for m in pii.find_pii(name)})
-            if kinds:
-                decisions["pii"] = {"action": "blocked", "kinds": kinds}
-                raise _blocked(f"The request contains personal data ({', '.join(kinds)}) and this team's policy "
-                               f"blocks it; remove it or ask an admin for pii=redact.", decisions)
-        else:
-            _refuse_personal_names(names, decisions)
-            counts: dict[str, int] = {}
-            redacted = []
-            for container, key, text in texts:
-                new, found = pii.redact(text)
-                if new != text:
-                    container[key] = new
-                    for k, n in found.items():
-                        if n:
-                            counts[k] = counts.get(k, 0) + n
-                redacted.append((container, key, new))
-            texts = redacted
-            if counts:
-                decisions["pii"] = {"action": "redacted", "counts": counts}
+        try:
+            texts = _apply_pii(policy.pii, texts, names, decisions)
+        except PiiRuleTimeout as exc:  # unchecked text never goes on
+            log.error("PII rule ran past its time budget; request refused", extra={"error": str(exc)})
+            decisions["pii"] = {"action": "failed", "rule": exc.kind}
+            err = pii_rule_timeout(exc.kind)
+            err.decisions = decisions  # type: ignore[attr-defined]  # so the audit record says why
+            raise err from None
 
     prompt_text = "\n".join(t for _, _, t in texts)
     if policy.injection != "off":

@@ -35,7 +35,9 @@ Surprises worth knowing:
 An organisation adds its own kinds (customer numbers, policy numbers, case IDs) in one rules file that the gateway and
 the fine-tune pipeline both load (``sovereign.pii_rules``); ``use_custom_kinds`` installs them here, so every function
 below finds them too. On a match of equal length an organisation's kind outranks the built-in ones: its own account
-number that also passes Luhn is an account number.
+number that also passes Luhn is an account number. Their patterns run on the `regex` engine with a time budget per
+text (``rule_budget_s``): a pattern that backtracks catastrophically raises ``PiiRuleTimeout`` naming its kind,
+instead of holding a gateway's event loop, and every request on it, for minutes.
 """
 
 from __future__ import annotations
@@ -43,8 +45,13 @@ from __future__ import annotations
 import bisect
 import datetime as _dt
 import re
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+
+import regex
+
+from sovereign.errors import SovereignError
 
 __all__ = [
     "KINDS",
@@ -58,7 +65,9 @@ __all__ = [
     "luhn_valid",
     "bank_card_valid",
     "CustomKind",
+    "PiiRuleTimeout",
     "custom_matches",
+    "rule_budget_s",
     "kinds",
     "placeholders",
     "redact",
@@ -82,7 +91,7 @@ class CustomKind:
     """An organisation's own kind: a compiled pattern and its placeholder (``sovereign.pii_rules`` checks both)."""
 
     kind: str
-    regex: re.Pattern[str]
+    regex: regex.Pattern[str]
     placeholder: str
     # Not glued to an ASCII letter or digit before, nor continuing a code through a separator ("X-", "2023-"), as
     # the built-in kinds: the regex holds the check after the match; the one before is made in `custom_matches`,
@@ -94,7 +103,26 @@ class CustomKind:
     def compile(cls, kind: str, pattern: str, placeholder: str, *, ignore_case: bool = False,
                 whole_word: bool = True) -> CustomKind:
         source = f"(?:{pattern}){_NA}" if whole_word else pattern
-        return cls(kind, re.compile(source, re.IGNORECASE if ignore_case else 0), placeholder, whole_word)
+        flags = regex.V0 | (regex.IGNORECASE if ignore_case else 0)  # V0: the `re` module's syntax and semantics
+        return cls(kind, regex.compile(source, flags), placeholder, whole_word)
+
+
+class PiiRuleTimeout(SovereignError):
+    """An organisation's pattern ran past its time budget on a text, which therefore was not checked."""
+
+    code = "pii_rule_timeout"
+
+    def __init__(self, kind: str, chars: int, budget_s: float) -> None:
+        super().__init__(f"the PII rule {kind!r} took longer than {budget_s * 1000:.0f} ms on a {chars:,}-character "
+                         f"text, so the text was not checked: its pattern backtracks catastrophically; rewrite it "
+                         f"without nested or overlapping repetition ('(a+)+', '(a|ab)*')")
+        self.kind = kind
+
+
+def rule_budget_s(chars: int) -> float:
+    """How long one organisation's pattern may take on a text: 50 ms, and 1 ms more per 10,000 characters, far above
+    what a sound pattern needs (µs on a prompt) and far below a stalled gateway."""
+    return 0.05 + chars / 10_000_000
 
 
 _custom: tuple[CustomKind, ...] = ()
@@ -399,20 +427,26 @@ def _candidates(text: str, kinds: frozenset[str]) -> list[_Candidate]:
     return out
 
 
-def custom_matches(custom: CustomKind, text: str) -> list[tuple[int, int, str]]:
-    """Where `custom` matches in `text`, overlaps with other kinds left in: (start, end, kind)."""
+def custom_matches(custom: CustomKind, text: str, budget_s: float | None = None) -> list[tuple[int, int, str]]:
+    """Where `custom` matches in `text`, overlaps with other kinds left in: (start, end, kind). PiiRuleTimeout past
+    `budget_s` (default `rule_budget_s(len(text))`)."""
     out: list[_Candidate] = []
-    search, pos = custom.regex.search, 0
-    while (m := search(text, pos)) is not None:
-        s, e = m.span()
-        if custom.whole_word and s > 0 and (text[s - 1] in _ALNUM or (
-                text[s - 1] in _SEPARATORS and s > 1 and text[s - 2] in _ALNUM)):
-            pos = s + 1  # a match further in may still stand on its own
-            continue
-        if e > s:
-            out.append((s, e, custom.kind))
-        pos = e if e > s else s + 1
-    return out
+    budget_s = rule_budget_s(len(text)) if budget_s is None else budget_s
+    deadline, pos = time.perf_counter() + budget_s, 0
+    try:
+        while True:  # one finditer per text: the engine's time check costs ~3 µs a call, not per match
+            for m in custom.regex.finditer(text, pos, timeout=max(deadline - time.perf_counter(), 1e-6)):
+                s, e = m.span()
+                if custom.whole_word and s > 0 and (text[s - 1] in _ALNUM or (
+                        text[s - 1] in _SEPARATORS and s > 1 and text[s - 2] in _ALNUM)):
+                    pos = s + 1  # a match further in may still stand on its own
+                    break
+                if e > s:
+                    out.append((s, e, custom.kind))
+            else:
+                return out
+    except TimeoutError:
+        raise PiiRuleTimeout(custom.kind, len(text), budget_s) from None
 
 
 def _digit_count(value: str) -> int:

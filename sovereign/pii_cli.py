@@ -60,8 +60,12 @@ def check(text: Annotated[str, typer.Argument(help="The text to scan; - reads st
     _install(rules)
     if text == "-":
         text = sys.stdin.read()
-    matches = pii.find_pii(text)
-    redacted = pii.redact(text)[0]
+    try:
+        matches = pii.find_pii(text)
+        redacted = pii.redact(text)[0]
+    except pii.PiiRuleTimeout as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from None
     if as_json:
         print(json.dumps({"matches": [{"kind": m.kind, "start": m.start, "end": m.end, "text": m.text}
                                       for m in matches], "redacted": redacted}, ensure_ascii=False, indent=2))

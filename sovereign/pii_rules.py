@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -113,8 +114,39 @@ def _compile_kind(kind: str, rule: KindRule, where: str) -> pii.CustomKind:
         raise ConfigError(f"{where}.pattern does not compile: {exc}") from None
     if bare.fullmatch("") is not None:
         raise ConfigError(f"{where}.pattern matches the empty string, so it would find personal data everywhere")
-    return pii.CustomKind.compile(kind, rule.pattern, rule.placeholder or f"[{kind.upper()}]",
-                                  ignore_case=rule.ignore_case, whole_word=rule.whole_word)
+    custom = pii.CustomKind.compile(kind, rule.pattern, rule.placeholder or f"[{kind.upper()}]",
+                                    ignore_case=rule.ignore_case, whole_word=rule.whole_word)
+    for what, text in _probes(rule.examples):
+        try:
+            pii.custom_matches(custom, text, PROBE_BUDGET_S)
+        except pii.PiiRuleTimeout:
+            raise ConfigError(f"{where}.pattern backtracks catastrophically: on {len(text):,} characters of {what} it "
+                              f"ran past {PROBE_BUDGET_S * 1000:.0f} ms (requests may carry megabytes); rewrite it "
+                              f"without nested or overlapping repetition ('(a+)+', '(a|ab)*'), or make the "
+                              f"repetition possessive ('[0-9]++')") from None
+    return custom
+
+
+# Texts on which a pattern with nested or overlapping repetition backtracks for seconds or forever: runs of the
+# characters such patterns repeat, and the rule's examples with one character or pair stretched (what follows a
+# literal prefix: CASE-abab...), each ending in a character that fails the match. A sound pattern is through each in
+# microseconds; the runtime budget (`pii.rule_budget_s`) still guards what these miss.
+PROBE_CHARS = 2_000
+PROBE_BUDGET_S = 0.25
+_RUNS = ("a", "A", "0", " ", "-", ".", "_", "aA0", "word ", "A-", "0-", "0 ", "a.")
+
+
+def _probes(examples: list[str]) -> Iterator[tuple[str, str]]:
+    for unit in _RUNS:
+        yield f"{unit!r} repeated", unit * (PROBE_CHARS // len(unit)) + "!"
+    seen: set[str] = set()
+    for example in examples:
+        for i in range(len(example)):
+            for unit in {example[i], example[i:i + 2]}:
+                text = example[:i] + unit * (PROBE_CHARS // len(unit)) + "!"
+                if text not in seen:
+                    seen.add(text)
+                    yield f"its example {example!r} with {unit!r} repeated", text
 
 
 def _check_placeholders(custom: list[pii.CustomKind], where: str) -> None:

@@ -4,6 +4,7 @@ function, and refused at load when a rule would misbehave."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -122,3 +123,29 @@ def test_the_cli_lists_the_kinds_and_shows_what_a_text_becomes(tmp_path, rules):
     bad.write_text("kinds: {x: {pattern: '[0-9]*'}}")
     proc = run_sovereign(tmp_path, "pii", "check", "--rules", str(bad), "x", check=False)
     assert proc.returncode == 2 and "matches the empty string" in proc.stderr
+
+
+@pytest.mark.parametrize("pattern,probe", [
+    (r"(\w+\s?)+$", "'a' repeated"),
+    (r"(a|aa)+c", "'a' repeated"),
+    (r"([A-Z]+-?)+[0-9]{4}", "'A' repeated"),
+    (r"CASE-(ab|a|b)+X", "its example 'CASE-abX' with 'ab' repeated"),
+])
+def test_a_pattern_that_backtracks_catastrophically_is_refused_at_load(tmp_path, pattern, probe):
+    bad = tmp_path / "slow.yaml"
+    example = "CASE-abX" if pattern.startswith("CASE") else None
+    bad.write_text(json.dumps({"kinds": {"slow": {"pattern": pattern, "examples": [example] if example else []}}}))
+    with pytest.raises(ConfigError, match=f"kinds.slow.pattern backtracks catastrophically: on [0-9,]+ characters "
+                                          f"of {re.escape(probe)}"):
+        install(bad)
+    assert pii.kinds() == pii.KINDS
+
+
+def test_a_slow_pattern_the_probes_miss_stops_at_its_budget_with_the_kind_named():
+    # Installed around the rules file's checks: the runtime budget is the guard of last resort.
+    pii.use_custom_kinds([pii.CustomKind.compile("slow", r"(a|aa)+c", "[SLOW]")])
+    with pytest.raises(pii.PiiRuleTimeout, match="the PII rule 'slow' took longer than 50 ms on a 41-character"):
+        pii.redact("a" * 40 + "!")
+    assert pii.redact("call 13812345678 about aac")[0] == "call [PHONE] about [SLOW]"  # sound texts still pass
+    assert pii.rule_budget_s(4_000_000) == pytest.approx(0.45)
+

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from finetune.errors import FinetuneError
 from finetune.intake import Row
 from finetune.scrub import scrub_rows
+from sovereign import pii
 
 
 def test_tool_call_arguments_results_and_tool_schemas_are_scrubbed_and_stay_valid_json():
@@ -32,3 +36,12 @@ def test_tool_call_arguments_results_and_tool_schemas_are_scrubbed_and_stay_vali
         "string" and schema["description"] == "Find a customer, e.g. by [EMAIL]"
     assert report.counts["phone"] == 3 and report.counts["email"] == 2 and report.counts["bank_card"] == 1
     assert report.changed_lines == [7] and row.data["tools"] == tools  # the input is left untouched
+
+
+def test_a_pii_rule_past_its_time_budget_fails_the_scrub_naming_the_rule_and_line():
+    pii.use_custom_kinds([pii.CustomKind.compile("slow_case", r"(a|aa)+c", "[SLOW_CASE]")])  # cleared by conftest
+    rows = [Row(3, {"messages": [{"role": "user", "content": "aac"}, {"role": "assistant", "content": "ok"}]}),
+            Row(9, {"messages": [{"role": "user", "content": "a" * 40}, {"role": "assistant", "content": "ok"}]})]
+    with pytest.raises(FinetuneError, match="line 9: the PII rule 'slow_case' took longer") as err:
+        scrub_rows(rows)
+    assert err.value.code == "pii_rule_timeout"

@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from gateway.audit_read import export, verify
+from gateway.proxy import _keep
 
 USER = [{"role": "user", "content": "hello there"}]
 PII_TEXT = "My phone is 13812345678 and my mail is li.lei@example.com"
@@ -115,6 +116,33 @@ def test_pii_redact_reaches_neither_upstream_nor_audit_nor_logs(gw, upstream, ca
     with open(gw.app.config.resolved_database_url().split("///", 1)[1], "rb") as f:
         assert b"13812345678" not in f.read()
     assert "13812345678" not in caplog.text and "li.lei@example.com" not in caplog.text
+
+
+def test_a_pii_rule_past_its_time_budget_fails_closed_and_names_the_rule(gw, upstream, caplog):
+    from sovereign import pii, pii_rules
+
+    # A pattern that backtracks catastrophically, installed around the rules file's load-time probes.
+    pii.use_custom_kinds([pii.CustomKind.compile("slow_case", r"(a|aa)+c", "[SLOW_CASE]")])
+    try:
+        c = gw.client(gw.key("careful", pii="redact"))
+        hits = upstream.hits
+        with pytest.raises(openai.InternalServerError) as err:
+            c.chat.completions.create(model="fake-model",
+                                      messages=[{"role": "user", "content": "a" * 40 + " 13812345678"}])
+        assert err.value.body["code"] == "pii_rule_timeout" and "`slow_case`" in err.value.body["message"]
+        assert upstream.hits == hits  # unchecked text never goes on
+        row = audit_rows(gw)[-1]
+        assert row["status"] == 500 and row["policy"]["pii"] == {"action": "failed", "rule": "slow_case"}
+        logged = [f"{r.getMessage()} {getattr(r, 'error', '')}" for r in caplog.records]
+        assert any("'slow_case' took longer than 50 ms" in line for line in logged)
+        assert not any("13812345678" in line or "aaaa" in line for line in logged)
+        answer = c.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "aac?"}])
+        assert upstream.requests[-1]["messages"][0]["content"] == "[SLOW_CASE]?" and answer.choices
+        # An answer's text that the rule cannot get through is kept in the audit as a note, never as it was.
+        kept = _keep("redacted", "a" * 40)
+        assert kept == "[not kept: the PII rule 'slow_case' ran past its time budget on this text]"
+    finally:
+        pii_rules.uninstall()
 
 
 @pytest.mark.parametrize("path,body,sent", [
