@@ -1,5 +1,5 @@
 """Chat and text completions on the request path: their stream's events, and what the audit keeps of an answer's
-text (each choice apart, tool calls included). The Responses API's counterpart is responses_api.py."""
+text (each choice apart, tool calls and a reasoning model's reasoning included). The Responses API's counterpart is responses_api.py."""
 
 from __future__ import annotations
 
@@ -94,6 +94,9 @@ def choices_texts(obj: dict, ex: Exchange, key: str) -> None:
         answer = choice.get(key)
         if isinstance(answer, dict):
             _answer_texts(answer, _choice_parts(ex, choice))
+            thought = answer.get("reasoning") or answer.get("reasoning_content")  # vLLM's field, and its old name
+            if isinstance(thought, str) and thought:
+                ex.reasoning(choice.get("index")).append(thought)
         elif isinstance(choice.get("text"), str):
             _choice_parts(ex, choice).append(choice["text"])
 

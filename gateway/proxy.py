@@ -58,7 +58,7 @@ class Exchange:
 
     __slots__ = ("rid", "t0", "entry", "kind", "model", "base", "adapter", "stream", "status", "prompt_tokens",
                  "completion_tokens", "ttft", "decisions", "prompt_text", "completion_parts", "other_choices",
-                 "reservation", "upstream_s", "audit_s", "rate_headers", "replica", "first_byte_by")
+                 "reasoning_parts", "reservation", "upstream_s", "audit_s", "rate_headers", "replica", "first_byte_by")
 
     def __init__(self, rid: str, t0: float, entry: KeyEntry | None, kind: str) -> None:
         self.rid = rid
@@ -76,12 +76,19 @@ class Exchange:
         self.prompt_text: str | None = None
         self.completion_parts: list[str] | None = None  # the answer's text for the audit (its first choice's)
         self.other_choices: dict[int, list[str]] | None = None  # n > 1, several prompts: the other choices' text
+        self.reasoning_parts: dict[int, list[str]] | None = None  # a reasoning parser's text, by choice
         self.reservation: Any = None
         self.upstream_s = 0.0
         self.audit_s = 0.0
         self.rate_headers: list[tuple[bytes, bytes]] = []
         self.replica = ""
         self.first_byte_by = 0.0  # loop time by which a stream's first byte must come: one TTFT limit, not two
+
+    def reasoning(self, index: Any = 0) -> list[str]:
+        """Where the audit collects a choice's reasoning: what a reasoning model thought, apart from its answer."""
+        if self.reasoning_parts is None:
+            self.reasoning_parts = {}
+        return self.reasoning_parts.setdefault(index if type(index) is int else 0, [])
 
 
 def _discard(ex: Exchange, replica: Replica, resp: Response) -> None:
@@ -441,6 +448,7 @@ class Proxy:
                 ex.prompt_tokens, ex.completion_tokens = counts
             if ex.completion_parts is not None:
                 ex.completion_parts.extend(responses_api.output_texts(obj))
+                ex.reasoning().extend(responses_api.reasoning_texts(obj))
             await self._audit(ex, error="response_failed" if obj.get("status") == "failed" else None)
             await _respond(send, 200, data, JSON_HEADERS + ex.rate_headers, ex.rid)
             return
@@ -577,10 +585,10 @@ class Proxy:
         mode = entry.team.audit_content
         completion = None
         if ex.completion_parts is not None:
-            completion = "".join(ex.completion_parts)
-            if ex.other_choices:  # each choice whole and apart, in order, streamed (interleaved) or not
-                others = ex.other_choices
-                completion = "\n\n".join([completion, *("".join(others[i]) for i in sorted(others))])
+            # each choice whole and apart, in order, streamed (interleaved) or not; its reasoning first, marked
+            texts, thoughts = {0: ex.completion_parts, **(ex.other_choices or {})}, ex.reasoning_parts or {}
+            completion = "\n\n".join(_choice_text(texts.get(i, ()), thoughts.get(i))
+                                      for i in sorted(texts.keys() | thoughts.keys()))
         policy = dict(ex.decisions)
         policy["team_policy"] = entry.team.summary()
         if error:
@@ -640,6 +648,12 @@ class Proxy:
     async def _send_error(self, send, exc: E.GatewayError, ex: Exchange) -> None:
         headers = JSON_HEADERS + [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
         await _respond(send, exc.status, exc.body(), headers, ex.rid)
+
+
+def _choice_text(parts: Any, thought: list[str] | None) -> str:
+    if not thought:
+        return "".join(parts)
+    return f"[reasoning] {''.join(thought)}\n[answer] {''.join(parts)}"
 
 
 def _keep(mode: str, text: str | None) -> str | None:

@@ -22,6 +22,7 @@ PATH = "/v1/responses"
 FINAL = (b"response.completed", b"response.incomplete", b"response.failed", b"error")
 DELTA = b"response.output_text.delta"
 ARGUMENTS_DELTA = b"response.function_call_arguments.delta"
+REASONING_DELTA = b"response.reasoning_text.delta"
 ITEM_ADDED = b"response.output_item.added"
 
 
@@ -80,10 +81,10 @@ def usage(response: dict) -> tuple[int, int] | None:
 
 def output_texts(response: dict) -> list[str]:
     """What a response says, for the audit: its messages' text, and each function call as `[tool_call NAME]
-    ARGUMENTS` (as chat completions' tool calls are shown)."""
+    ARGUMENTS` (as chat completions' tool calls are shown); its reasoning is `reasoning_texts`."""
     out = []
     for item in response.get("output") or ():
-        if not isinstance(item, dict):
+        if not isinstance(item, dict) or item.get("type") == "reasoning":
             continue
         if item.get("type") == "function_call":
             add_tool_call(item, out)
@@ -92,6 +93,18 @@ def output_texts(response: dict) -> list[str]:
         for part in content if isinstance(content, list) else ():
             if isinstance(part, dict) and isinstance(part.get("text"), str):
                 out.append(part["text"])
+    return out
+
+
+def reasoning_texts(response: dict) -> list[str]:
+    """What a response's reasoning items say (their text and their summary), for the audit."""
+    out = []
+    for item in response.get("output") or ():
+        if isinstance(item, dict) and item.get("type") == "reasoning":
+            for key in ("content", "summary"):
+                parts = item.get(key)
+                if isinstance(parts, list):
+                    out.extend(p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str))
     return out
 
 
@@ -113,9 +126,9 @@ class ResponseEvents:
         kind = event[7:event.find(b"\n")].strip() if event.startswith(b"event: ") else b""
         if kind.endswith(b".delta"):  # text, reasoning, tool-call arguments: a token each, billed if cut off
             self.chunks += 1
-            if (kind == DELTA or kind == ARGUMENTS_DELTA) and self.parts is not None \
+            if (kind == DELTA or kind == ARGUMENTS_DELTA or kind == REASONING_DELTA) and self.parts is not None \
                     and (obj := event_json(event)) is not None and isinstance(obj.get("delta"), str):
-                self.parts.append(obj["delta"])
+                (self.ex.reasoning() if kind == REASONING_DELTA else self.parts).append(obj["delta"])
             return True
         if kind == ITEM_ADDED and self.parts is not None and b'"function_call"' in event:
             item = (event_json(event) or {}).get("item")

@@ -6,7 +6,8 @@ chunk, then the connection drops), `__trickle__` (0.2 s between chunks), `__vllm
 headers, then nothing for `slow_s` unless the gateway hangs up: how long that took goes into `aborted_after`),
 `__hold__` (a non-streamed answer only after `slow_s`, unless the gateway hangs up first: into `aborted_after` too).
 `__ping__` (an SSE comment line before every stream chunk, as some servers send to keep a connection open).
-`__tool__` (chat and Responses: the answer is a tool call instead of text). `n` > 1 gives several choices.
+`__tool__` (chat and Responses: the answer is a tool call instead of text), `__think__` (chat and Responses: a
+reasoning model's thoughts come first, in `reasoning` or a reasoning item). `n` > 1 gives several choices.
 `FakeUpstream.requests` keeps every body received, so tests can check what the gateway forwarded.
 """
 
@@ -123,13 +124,17 @@ class FakeUpstream:
         # sends one: the whole call in the message, or streamed as the call's name, then its arguments in pieces.
         tool_args = orjson.dumps({"query": " ".join(words)}).decode() if chat and "__tool__" in text else None
         n = req.get("n") if isinstance(req.get("n"), int) else 1  # choice k > 0 marks each of its words with k
+        # `__think__`: a reasoning model behind a reasoning parser: its thoughts in `reasoning`, apart from the answer
+        thought = ("Thinking about: " + text).split() if chat and "__think__" in text else []
         if not req.get("stream"):
             choices = []
             for k in range(n):
                 content = " ".join(w + str(k or "") for w in words)
-                choices.append({"index": k, "message": {"role": "assistant", "content": content},
-                                "finish_reason": "stop"} if chat else {"index": k, "text": content,
-                                                                       "finish_reason": "stop"})
+                message = {"role": "assistant", "content": content}
+                if thought:
+                    message["reasoning"] = " ".join(w + str(k or "") for w in thought)
+                choices.append({"index": k, "message": message, "finish_reason": "stop"} if chat
+                               else {"index": k, "text": content, "finish_reason": "stop"})
             if tool_args is not None:
                 choices = [{"index": 0, "finish_reason": "tool_calls", "message": {
                     "role": "assistant", "content": None, "tool_calls": [
@@ -155,15 +160,17 @@ class FakeUpstream:
             deltas += [{"tool_calls": [{"index": 0, "function": {"arguments": tool_args[i:i + 5]}}]}
                        for i in range(0, len(tool_args), 5)]
         else:
-            deltas = [{"content": w} if i == 0 else {"content": " " + w} for i, w in enumerate(words)]
+            deltas = [{"reasoning": w if i == 0 else " " + w} for i, w in enumerate(thought)]
+            deltas += [{"content": w} if i == 0 else {"content": " " + w} for i, w in enumerate(words)]
             deltas[0]["role"] = "assistant"
         for i, delta in enumerate(deltas):
             if "__ping__" in text:
                 await send({"type": "http.response.body", "body": b": ping\n\n", "more_body": True})
             for k in range(n if tool_args is None else 1):  # several choices interleave, a piece each in turn
-                piece = {**delta, "content": delta["content"] + str(k)} if k else delta
+                field_ = "reasoning" if "reasoning" in delta else "content"
+                piece = {**delta, field_: delta[field_] + str(k)} if k else delta
                 choice = ({"index": k, "delta": piece, "finish_reason": None} if chat
-                          else {"index": k, "text": piece["content"], "finish_reason": None})
+                          else {"index": k, "text": piece[field_], "finish_reason": None})
                 await send(event({"id": rid, "object": obj, "created": created, "model": model,
                                   "choices": [choice]}))
             if "__die__" in text and i == 1:
@@ -203,6 +210,10 @@ class FakeUpstream:
                                                        "status": "completed", "content": [
                                                            {"type": "output_text", "text": content,
                                                             "annotations": []}]}], "usage": usage}
+        thought = "Thinking about: " + text
+        if "__think__" in text:  # a reasoning item before the message, as vLLM's reasoning parser gives one
+            response["output"].insert(0, {"id": "rs_1", "type": "reasoning", "summary": [], "status": "completed",
+                                          "content": [{"type": "reasoning_text", "text": thought}]})
         call = None
         if "__tool__" in text:  # a function call item instead of a message
             call = {"id": "fc_1", "type": "function_call", "call_id": "call_1", "name": "lookup_order",
@@ -226,6 +237,10 @@ class FakeUpstream:
                 "item_id": "fc_1", "output_index": 0, "arguments": args}))
             await send(_typed_event(seq, "response.output_item.done", {"output_index": 0, "item": call}))
         else:
+            if "__think__" in text:
+                for i, w in enumerate(thought.split()):
+                    await send(_typed_event(seq, "response.reasoning_text.delta", {
+                        "item_id": "rs_1", "output_index": 0, "content_index": 0, "delta": w if i == 0 else " " + w}))
             for i, w in enumerate(words):
                 await send(_typed_event(seq, "response.output_text.delta", {
                     "item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": w if i == 0 else " " + w}))

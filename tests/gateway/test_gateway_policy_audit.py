@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import time
 
 import httpx
@@ -74,6 +75,30 @@ def test_a_tool_call_is_in_the_audit_record_and_redacted_there(gw, extra):
     rows = audit_rows(gw)[-2:]
     expected = "[tool_call lookup_order] " + whole.function.arguments.replace("li.lei@example.com", "[EMAIL]")
     assert [row["completion"] for row in rows] == [expected, expected]
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_reasoning_models_thoughts_are_in_the_audit_record_redacted_streamed_or_not(gw, n):
+    """A reasoning parser sends the model's thoughts apart from its answer (`reasoning`): they are output the client
+    receives, so the audit keeps them too, marked, before each choice's answer, and redacted like the answer."""
+    prompt = "__think__ call me on 13812345678"
+    c = gw.client(gw.key("thinkers", audit_content="redacted"))  # pii off: the number reaches the model
+    messages = [{"role": "user", "content": prompt}]
+    whole = c.chat.completions.create(model="fake-model", messages=messages, n=n).choices
+    streamed = [["", ""] for _ in range(n)]
+    for chunk in c.chat.completions.create(model="fake-model", messages=messages, n=n, stream=True):
+        for ch in chunk.choices:
+            streamed[ch.index][0] += (ch.delta.model_extra or {}).get("reasoning") or ""
+            streamed[ch.index][1] += ch.delta.content or ""
+    assert [[ch.message.model_extra["reasoning"], ch.message.content] for ch in whole] == streamed
+    assert streamed[0] == ["Thinking about: " + prompt, "Echo: " + prompt]
+    # (the fixture's second choice marks each word with 1: "138123456781" is no phone number)
+    expected = "\n\n".join(re.sub(r"\b13812345678\b", "[PHONE]", f"[reasoning] {thought}\n[answer] {answer}")
+                            for thought, answer in streamed)
+    assert [row["completion"] for row in audit_rows(gw)[-2:]] == [expected, expected]
+    if n == 1:
+        with open(gw.app.config.resolved_database_url().split("///", 1)[1], "rb") as f:
+            assert b"13812345678" not in f.read()
 
 
 @pytest.mark.parametrize("kind", ["chat", "completions"])

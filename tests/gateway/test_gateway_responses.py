@@ -45,6 +45,18 @@ def test_a_function_call_is_in_the_audit_record_streamed_or_not(gw):
     assert [row["completion"] for row in audit_rows(gw)[-2:]] == [expected, expected]
 
 
+def test_a_reasoning_item_is_in_the_audit_record_streamed_or_not(gw):
+    c = gw.client(gw.key("responses-thinkers", audit_content="redacted"))
+    prompt = "__think__ mail li.lei@example.com"
+    whole = c.responses.create(model="fake-model", input=prompt)
+    assert [item.type for item in whole.output] == ["reasoning", "message"]
+    events = list(c.responses.create(model="fake-model", stream=True, input=prompt))
+    thought = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    assert thought == whole.output[0].content[0].text == "Thinking about: " + prompt
+    expected = f"[reasoning] {thought}\n[answer] Echo: {prompt}".replace("li.lei@example.com", "[EMAIL]")
+    assert [row["completion"] for row in audit_rows(gw)[-2:]] == [expected, expected]
+
+
 def test_a_stream_that_breaks_ends_with_an_error_event(gw):
     with httpx.stream("POST", f"{gw.url}/v1/responses", headers={"Authorization": f"Bearer {gw.key()}"}, timeout=30,
                       json={"model": "fake-model", "input": "__die__ a b c", "stream": True}) as r:
@@ -128,16 +140,19 @@ def test_every_input_item_shape_is_read_by_the_policy(item):
 
 
 def test_cut_off_streams_bill_every_delta_and_an_upstream_error_ends_the_stream():
-    from types import SimpleNamespace
-
+    from gateway.proxy import Exchange
     from gateway.responses_api import ResponseEvents
 
-    events = ResponseEvents(SimpleNamespace(completion_parts=[], prompt_tokens=0, completion_tokens=0))
+    ex = Exchange("req_1", 0.0, None, "responses")
+    ex.completion_parts = []
+    events = ResponseEvents(ex)
     for kind in ("response.reasoning_text.delta", "response.function_call_arguments.delta",
                  "response.output_text.delta"):
         assert events.take(b"event: " + kind.encode() + b'\ndata: {"delta": "x"}\n\n')
-    # every delta is billed; the audit keeps what the model said, function-call arguments included, not its reasoning
-    assert events.chunks == 3 and events.parts == ["x", "x"] and not events.done
+    # every delta is billed; the audit keeps what the model said, function-call arguments included, and apart from
+    # that its reasoning
+    assert events.chunks == 3 and events.parts == ["x", "x"] and ex.reasoning_parts == {0: ["x"]}
+    assert not events.done
     assert not events.take(b'event: error\ndata: {"type": "error", "code": "x", "message": "m"}\n\n')
     assert events.done and events.failed and events.end().startswith(b"event: error")
 
