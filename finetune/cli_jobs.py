@@ -62,6 +62,9 @@ def _summary(record, runner) -> Table:
         if r.gate is not None:
             for check in r.gate.checks:
                 table.add_row(f"gate: {check.name}", ("passed: " if check.passed else "FAILED: ") + check.message)
+            if r.gate.tool_calls:
+                table.add_row("tool calls base → adapter", f"{r.gate.tool_calls['base'].summary()} → "
+                                                          f"{r.gate.tool_calls['adapter'].summary()}")
         else:
             table.add_row("gate", "skipped")
         table.add_row("stage seconds", ", ".join(f"{k} {v:.0f}" for k, v in r.timings.items()))

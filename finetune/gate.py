@@ -14,12 +14,19 @@ Four checks against the running vLLM (over HTTP, the only way finetune talks to 
    passes check 3 and fails here. The noise is measured, not assumed: served base vs transformers base.
 
 Check 4 runs only when `run_gate` is given a reference; the job runner always gives one.
+
+Besides the checks, the gate measures how the served model calls tools (`ToolCallStats`), base and adapter, on
+held-out prompts whose reference answer is a tool call: through vLLM's own tool-call parser, as apps will get them.
+A loss that fell says the model learned the call's form; only this says whether it picks the right tool with the
+right arguments. It is a figure for people, not a check: how good is good enough is the team's call.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -40,6 +47,8 @@ class GateSettings(BaseModel):
     # vLLM's CPU backend is ~1e-6; a trained adapter moves it by 1e-2 or more.
     min_mean_logprob_delta: float = Field(1e-3, gt=0)
     answer_max_tokens: int = Field(32, ge=1)
+    tool_samples: int = Field(8, ge=0)  # held-out prompts answered with a tool call, for ToolCallStats; 0: none
+    tool_max_tokens: int = Field(160, ge=1)  # room for a call with its arguments
     # adapter_matches: mean |served - trained adapter log-prob| per assistant token at most max(min_match_tolerance,
     # match_noise_factor * noise, match_effect_fraction * effect), noise being that distance on the base model.
     # vLLM's float32 CPU build measured noise ~2e-3 (an AVX512-BF16 host; far above float32 rounding, so it is
@@ -74,12 +83,28 @@ class GateCheck(BaseModel):
     details: dict[str, Any] = Field(default_factory=dict)
 
 
+class ToolCallStats(BaseModel):
+    """How a served model answered held-out prompts whose reference answer is a tool call (greedy, vLLM's parser)."""
+
+    prompts: int
+    called: int  # answered with at least one tool call that the parser read
+    right_function: int  # its first call names the reference's first function
+    exact: int  # the reference's calls exactly: names and arguments (as JSON values), in order
+    examples: list[dict[str, Any]] = Field(default_factory=list)  # a few, for people to read
+
+    def summary(self) -> str:
+        return (f"{self.exact}/{self.prompts} exact, {self.right_function} right function, "
+                f"{self.called} called")
+
+
 class GateReport(BaseModel):
     served_name: str
     base_model: str
     serving_url: str
     passed: bool
     checks: list[GateCheck]
+    tool_calls: dict[str, ToolCallStats] | None = None  # "base", "adapter"; None without held-out tool calls
+    tool_calls_error: str | None = None  # why they could not be measured
 
     def failure_message(self) -> str:
         failed = [c for c in self.checks if not c.passed]
@@ -106,6 +131,34 @@ def prompt_and_answer(conversation: Conversation) -> tuple[Conversation, str] | 
 def _chat_body(model: str, conversation: Conversation) -> dict[str, Any]:
     messages, tools = conversation_parts(conversation)
     return {"model": model, "messages": messages, **({"tools": tools} if tools else {})}
+
+
+Call = tuple[str, Any]  # a function's name and its arguments, parsed as JSON where they are JSON
+
+
+def _call(call: Any) -> Call:
+    fn = call.get("function") if isinstance(call, dict) else None
+    fn = fn if isinstance(fn, dict) else {}
+    arguments = fn.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            pass
+    return str(fn.get("name")), arguments
+
+
+def tool_call_samples(conversations: Sequence[Conversation], samples: int) -> list[tuple[Conversation, list[Call]]]:
+    """Held-out prompts answered with a tool call: (the conversation up to its first call turn, the calls made)."""
+    out = []
+    for conversation in conversations:
+        messages, tools = conversation_parts(conversation)
+        turn = next((i for i, m in enumerate(messages) if m.get("role") == "assistant" and m.get("tool_calls")), None)
+        if tools and turn is not None:
+            out.append((with_messages(conversation, messages[:turn]), [_call(c) for c in messages[turn]["tool_calls"]]))
+            if len(out) == samples:
+                break
+    return out
 
 
 def gate_sample(conversations: Sequence[Conversation], samples: int) -> list[Conversation]:
@@ -165,6 +218,12 @@ class _Vllm:
                         for c in choice["message"].get("tool_calls") or ())
         return {"text": (choice["message"]["content"] or "") + calls, "logprobs": [c["logprob"] for c in content],
                 "finish_reason": choice.get("finish_reason")}
+
+    def tool_calls(self, model: str, conversation: Conversation) -> tuple[list[Call], str]:
+        """The calls vLLM's parser reads from `model`'s greedy answer, and the answer's text."""
+        body = {**_chat_body(model, conversation), "max_tokens": self.s.tool_max_tokens, "temperature": 0}
+        message = self._post("/v1/chat/completions", body)["choices"][0]["message"]
+        return [_call(c) for c in message.get("tool_calls") or ()], message.get("content") or ""
 
     def refusal(self, served_name: str) -> str | None:
         if not self.s.health_url:
@@ -325,6 +384,26 @@ def check_matches(vllm: _Vllm, encoder: ChatEncoder, conversations: Sequence[Con
                               f"{details['effect']:.2e})"))
 
 
+def measure_tool_calls(vllm: _Vllm, samples: Sequence[tuple[Conversation, list[Call]]],
+                       models: dict[str, str]) -> dict[str, ToolCallStats]:
+    """`ToolCallStats` per entry of `models` (label -> served name), every request at once: vLLM batches them."""
+    jobs = [(label, model, prompt, want) for label, model in models.items() for prompt, want in samples]
+    with ThreadPoolExecutor(max_workers=min(16, len(jobs))) as pool:
+        answers = list(pool.map(lambda job: vllm.tool_calls(job[1], job[2]), jobs))
+    stats = {label: ToolCallStats(prompts=len(samples), called=0, right_function=0, exact=0) for label in models}
+    for (label, _, prompt, want), (got, text) in zip(jobs, answers):
+        s = stats[label]
+        s.called += bool(got)
+        s.right_function += bool(got) and got[0][0] == want[0][0]
+        s.exact += got == want
+        if len(s.examples) < 3:
+            messages = conversation_parts(prompt)[0]
+            s.examples.append({"prompt": str(messages[-1].get("content") or "") if messages else "",
+                               "reference": [list(c) for c in want], "calls": [list(c) for c in got],
+                               "text": text[:200]})
+    return stats
+
+
 def run_gate(*, encoder: ChatEncoder, conversations: Sequence[Conversation], base_model: str, served_name: str,
              settings: GateSettings, reference: GateReference | None = None) -> GateReport:
     """Run the checks on `gate_sample`'s held-out conversations; never raises for a failed check.
@@ -353,10 +432,18 @@ def run_gate(*, encoder: ChatEncoder, conversations: Sequence[Conversation], bas
             unchecked = ["adapter_active"] + (["adapter_matches"] if reference is not None else [])
             for name in unchecked:
                 checks.append(GateCheck(name=name, passed=False, message="not checked: the adapter is not served"))
+        report = GateReport(served_name=served_name, base_model=base_model, serving_url=settings.serving_url,
+                            passed=all(c.passed for c in checks), checks=checks)
+        tool_samples = tool_call_samples(conversations, settings.tool_samples) if report.passed else []
+        if tool_samples:
+            try:
+                report.tool_calls = measure_tool_calls(vllm, tool_samples, {"base": base_model,
+                                                                            "adapter": served_name})
+            except (httpx.HTTPError, GateHttpError) as exc:
+                report.tool_calls_error = f"the served vLLM did not answer as expected: {exc}"
     finally:
         vllm.close()
-    return GateReport(served_name=served_name, base_model=base_model, serving_url=settings.serving_url,
-                      passed=all(c.passed for c in checks), checks=checks)
+    return report
 
 
 def require_pass(report: GateReport) -> GateReport:

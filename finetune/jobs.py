@@ -57,12 +57,14 @@ class RunnerSettings(YamlSettings):
     job_config: str = "customer-service"  # configs/finetune/<preset> for jobs created through the gateway
     evaluation: EvalSettings = Field(default_factory=EvalSettings)
     gate_samples: int = Field(4, ge=1)
+    gate_tool_samples: int = Field(8, ge=0)  # held-out prompts answered with a tool call, measured at the gate
     gate_load_timeout_s: float = Field(180, gt=0)
     fail_on_leak: bool = True  # a trained canary that comes back fails the job
 
     def gate_settings(self) -> GateSettings:
         return GateSettings(serving_url=self.serving_url, health_url=self.serving_health_url,
-                            samples=self.gate_samples, load_timeout_s=self.gate_load_timeout_s)
+                            samples=self.gate_samples, tool_samples=self.gate_tool_samples,
+                            load_timeout_s=self.gate_load_timeout_s)
 
 
 class JobCancelled(BaseException):
@@ -315,6 +317,15 @@ class Pipeline:
         for check in report.checks:
             self.emit("info" if check.passed else "error", "message", f"Gate {check.name}: {check.message}",
                       {"stage": "gate", "check": check.name, "passed": check.passed})
+        if report.tool_calls:
+            base, tuned = report.tool_calls["base"], report.tool_calls["adapter"]
+            self.emit("info", "metrics", f"Tool calls on {tuned.prompts} held-out prompts, as vLLM serves them: base "
+                      f"{base.summary()} -> adapter {tuned.summary()}",
+                      {"stage": "gate", **{f"{prefix}tool_calls_{k}": getattr(s, k) for prefix, s in
+                                           (("base_", base), ("", tuned)) for k in ("exact", "right_function",
+                                                                                   "called", "prompts")}})
+        elif report.tool_calls_error:
+            self.emit("warn", "message", f"Tool calls not measured: {report.tool_calls_error}", {"stage": "gate"})
         if not report.passed:
             raise GateFailed(report)  # the job runner removes the adapter
         record_gate(adapter, report.model_dump(mode="json"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -11,7 +12,7 @@ from transformers import AutoTokenizer
 
 from finetune.evaluate import gate_reference
 from finetune.export import export_adapter
-from finetune.gate import GateFailed, GateSettings, require_pass, run_gate
+from finetune.gate import GateFailed, GateSettings, measure_tool_calls, require_pass, run_gate, tool_call_samples
 from finetune.masking import ChatEncoder
 from serving.adapters import AdapterRegistry
 from sovereign.settings import HomeSettings
@@ -143,3 +144,42 @@ def test_gate_fails_clearly_when_the_adapter_never_reaches_the_server(live_serve
     assert not checks["adapter_loaded"].passed
     assert "did not appear" in checks["adapter_loaded"].message
     assert checks["adapter_active"].message == "not checked: the adapter is not served"
+
+
+def _tool_row(question: str, name: str, arguments: str) -> dict:
+    tools = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
+             for n in ("lookup_order", "create_return")]
+    call = {"id": "call_1", "type": "function", "function": {"name": name, "arguments": arguments}}
+    return {"tools": tools, "messages": [
+        {"role": "user", "content": question}, {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "{}"}, {"role": "assistant", "content": "Done."}]}
+
+
+class _ServedCalls:
+    """The served models' parsed calls, by model and question (measure_tool_calls asks `tool_calls` only)."""
+
+    def __init__(self, answers: dict) -> None:
+        self.answers = answers
+
+    def tool_calls(self, model, conversation):
+        question = conversation["messages"][-1]["content"]
+        return [(n, json.loads(a)) for n, a in self.answers[model].get(question, [])], "text"
+
+
+def test_tool_calls_are_scored_against_the_held_out_calls_names_and_arguments():
+    held_out = [_tool_row("Where is NW-1?", "lookup_order", '{"order_id":"NW-1"}'),
+                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."}],  # no tools: skipped
+                _tool_row("Return NW-2, it broke", "create_return", '{"order_id":"NW-2","reason":"damaged"}')]
+    samples = tool_call_samples(held_out, 8)
+    assert [(p["messages"][-1]["content"], len(p["messages"]), want) for p, want in samples] == [
+        ("Where is NW-1?", 1, [("lookup_order", {"order_id": "NW-1"})]),
+        ("Return NW-2, it broke", 1, [("create_return", {"order_id": "NW-2", "reason": "damaged"})])]
+    served = _ServedCalls({
+        "base": {"Return NW-2, it broke": [("lookup_order", '{"order_id": "NW-2"}')]},
+        "tuned": {"Where is NW-1?": [("lookup_order", '{"order_id": "NW-1"}')],  # other spacing: the same call
+                  "Return NW-2, it broke": [("create_return", '{"order_id": "NW-2", "reason": "other"}')]}})
+    stats = measure_tool_calls(served, samples, {"base": "base", "adapter": "tuned"})
+    assert (stats["base"].called, stats["base"].right_function, stats["base"].exact) == (1, 0, 0)
+    assert (stats["adapter"].called, stats["adapter"].right_function, stats["adapter"].exact) == (2, 2, 1)
+    assert stats["adapter"].summary() == "1/2 exact, 2 right function, 2 called"
+    assert stats["adapter"].examples[0]["calls"] == [["lookup_order", {"order_id": "NW-1"}]]

@@ -17,6 +17,7 @@ from openai import OpenAI
 from finetune.masking import ChatEncoder
 from finetune.sample_tools import TOOLS, tool_conversations
 from serving.store import ModelStore
+from sovereign.formats import AdapterManifest
 from sovereign.offline import offline_env
 from tests.conftest import DEFAULT_MODEL, REPO, start_supervisor, stop_supervisor
 
@@ -64,12 +65,18 @@ def test_a_support_bot_learns_to_call_the_order_tool_and_vllm_serves_the_call(to
                       SOVEREIGN_FINETUNE_EVALUATION__TASK_SAMPLES="2",
                       SOVEREIGN_FINETUNE_EVALUATION__MAX_LOSS_CONVERSATIONS="8",
                       SOVEREIGN_FINETUNE_EVALUATION__MAX_NEW_TOKENS="48", SOVEREIGN_FINETUNE_GATE_SAMPLES="2",
+                      SOVEREIGN_FINETUNE_GATE_TOOL_SAMPLES="4",
                       SOVEREIGN_FINETUNE_SERVING_URL=tools_server.base_url,
                       SOVEREIGN_FINETUNE_SERVING_HEALTH_URL=tools_server.health_url)
     proc = subprocess.run([sys.executable, "-m", "sovereign.cli", "finetune", "run", "support-tools"], env=env,
                           cwd=REPO, capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
     assert "template_lacks_tools" not in proc.stdout + proc.stderr
+    # The gate measured the calls as vLLM's parser reads them, on held-out prompts answered with a call.
+    assert "Tool calls on 4 held-out prompts, as vLLM serves them: base" in " ".join(proc.stdout.split())
+    manifest = AdapterManifest.read(tools_server.home / "adapters" / "support-tools" / "v1" / "adapter.json")
+    measured = manifest.lineage["gate"]["tool_calls"]
+    assert measured["adapter"]["prompts"] == 4 and measured["adapter"]["called"] >= max(1, measured["base"]["called"])
 
     client = OpenAI(base_url=f"{tools_server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
     served = {m.id for m in client.models.list().data}
