@@ -27,6 +27,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import regex
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -109,13 +110,13 @@ def _compile_kind(kind: str, rule: KindRule, where: str) -> pii.CustomKind:
     if kind in pii.KINDS:
         raise ConfigError(f"{where}: {kind!r} is a built-in kind; give yours another name")
     try:
-        bare = re.compile(rule.pattern)
-    except re.error as exc:
+        bare = regex.compile(rule.pattern, regex.V0)  # the engine and syntax `sovereign.pii` runs it with
+        custom = pii.CustomKind.compile(kind, rule.pattern, rule.placeholder or f"[{kind.upper()}]",
+                                        ignore_case=rule.ignore_case, whole_word=rule.whole_word)
+    except regex.error as exc:
         raise ConfigError(f"{where}.pattern does not compile: {exc}") from None
     if bare.fullmatch("") is not None:
         raise ConfigError(f"{where}.pattern matches the empty string, so it would find personal data everywhere")
-    custom = pii.CustomKind.compile(kind, rule.pattern, rule.placeholder or f"[{kind.upper()}]",
-                                    ignore_case=rule.ignore_case, whole_word=rule.whole_word)
     for what, text in _probes(rule.examples):
         try:
             pii.custom_matches(custom, text, PROBE_BUDGET_S)
@@ -142,7 +143,7 @@ def _probes(examples: list[str]) -> Iterator[tuple[str, str]]:
     seen: set[str] = set()
     for example in examples:
         for i in range(len(example)):
-            for unit in {example[i], example[i:i + 2]}:
+            for unit in dict.fromkeys((example[i], example[i:i + 2])):
                 text = example[:i] + unit * (PROBE_CHARS // len(unit)) + "!"
                 if text not in seen:
                     seen.add(text)
