@@ -241,6 +241,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON inst
     serve_pid, gateway_pid = plat.running("serve"), plat.running("gateway")
     engine = (_ask(f"{info['health_url']}/status") if serve_pid and info else None) or {}
     door = (_ask(f"{info['gateway_url']}/readyz") if gateway_pid and info else None) or {}
+    pii = door.get("pii_rules") or {}
     report = {
         "serve": {"pid": serve_pid, "engine": engine.get("engine"), "model": engine.get("model"),
                   "profile": info.get("profile"), "adapters_loaded": engine.get("adapters_loaded"),
@@ -248,7 +249,8 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON inst
                   "log": str(plat.log_file("serve"))},
         "gateway": {"pid": gateway_pid, "ready": door.get("ready"), "base_url": info.get("base_url"),
                     "healthy_replicas": sum(r.get("healthy", False) for r in door.get("replicas", [])),
-                    "models": door.get("models"), "log": str(plat.log_file("gateway"))},
+                    "models": door.get("models"), "pii_kinds": pii.get("kinds"),
+                    "pii_rules_refused": (pii.get("refused") or {}).get("error"), "log": str(plat.log_file("gateway"))},
     }
     ok = engine.get("engine") == "ready" and door.get("ready") is True
     if as_json:

@@ -39,6 +39,7 @@ def test_up_answers_paris_through_the_gateway_and_down_stops_it(sovereign_home, 
         report = json.loads(status.stdout)
         assert report["ok"] and report["serve"]["engine"] == "ready" and report["gateway"]["ready"]
         assert report["gateway"]["base_url"] == info["base_url"] and report["gateway"]["healthy_replicas"] == 1
+        assert report["gateway"]["pii_kinds"] == [] and report["gateway"]["pii_rules_refused"] is None
 
         again = run_sovereign(home, "up", "--port", str(port), "--vllm-port", str(vllm_port),
                               "--health-port", str(health_port), timeout=600)
