@@ -73,7 +73,7 @@ def test_a_support_bot_learns_to_call_the_order_tool_and_vllm_serves_the_call(to
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
     assert "template_lacks_tools" not in proc.stdout + proc.stderr
     # The gate measured the calls as vLLM's parser reads them, on held-out prompts answered with a call.
-    assert "Tool calls on 4 held-out prompts, as vLLM serves them: base" in " ".join(proc.stdout.split())
+    assert "Tool calls on 4 held-out prompts, as vLLM serves them: base" in " ".join(proc.stderr.split())
     manifest = AdapterManifest.read(tools_server.home / "adapters" / "support-tools" / "v1" / "adapter.json")
     measured = manifest.lineage["gate"]["tool_calls"]
     assert measured["adapter"]["prompts"] == 4 and measured["adapter"]["called"] >= max(1, measured["base"]["called"])
