@@ -14,6 +14,7 @@ from gateway import responses_api
 from gateway.directory import TeamPolicy
 from gateway.errors import content_policy, invalid_request, pii_rule_timeout
 from gateway.injection import detect_injection
+from sovereign import pii
 
 log = logging.getLogger("sovereign.gateway.policy")
 
@@ -193,8 +194,6 @@ def _blocked(message: str, decisions: dict) -> Exception:
 def _refuse_personal_names(names: dict[str, str], decisions: dict) -> None:
     """pii=redact cannot rewrite a schema's property name (`required` and the model's arguments name it), nor let
     it through: the client must rename it."""
-    from sovereign import pii
-
     for name, where in names.items():
         kinds = sorted({m.kind for m in pii.find_pii(name)})
         if kinds:
@@ -208,8 +207,6 @@ def _refuse_personal_names(names: dict[str, str], decisions: dict) -> None:
 
 def _apply_pii(action: str, texts: list[Triple], names: dict[str, str], decisions: dict) -> list[Triple]:
     """pii=block refuses texts with personal data; pii=redact rewrites them in their containers and returns them."""
-    from sovereign import pii
-
     if action == "block":
         kinds = sorted({m.kind for _, _, t in texts for m in pii.find_pii(t)}
                        | {m.kind for name in names for m in pii.find_pii(name)})
@@ -262,11 +259,9 @@ def apply_policy(policy: TeamPolicy, body: dict, kind: str) -> PolicyOutcome:
                               f"so `{field_}` must be text, not token ids.", param=field_)
 
     if policy.pii != "off" and (texts or names):
-        from sovereign.pii import PiiRuleTimeout
-
         try:
             texts = _apply_pii(policy.pii, texts, names, decisions)
-        except PiiRuleTimeout as exc:  # unchecked text never goes on
+        except pii.PiiRuleTimeout as exc:  # unchecked text never goes on
             log.error("PII rule ran past its time budget; request refused", extra={"error": str(exc)})
             decisions["pii"] = {"action": "failed", "rule": exc.kind}
             err = pii_rule_timeout(exc.kind)
