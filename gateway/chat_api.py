@@ -1,5 +1,6 @@
 """Chat and text completions on the request path: their stream's events, and what the audit keeps of an answer's
-text (each choice apart, tool calls and a reasoning model's reasoning included). The Responses API's counterpart is responses_api.py."""
+text (each choice apart, tool calls and a reasoning model's reasoning included). The Responses API's counterpart is
+responses_api.py."""
 
 from __future__ import annotations
 
