@@ -35,12 +35,20 @@ def no_pii_rules(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True, scope="module")
+def no_rules_file_of_whoever_runs_the_tests(no_pii_rules):
+    """In-process prepare loads the organisation's PII rules: not the ones of whoever runs the tests (~/.sovereign).
+    Module-scoped, so that it is in place before a module's own fixtures prepare data (autouse ones come first)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SOVEREIGN_PII_RULES", str(no_pii_rules))
+        yield
+
+
 @pytest.fixture(autouse=True)
-def built_in_pii_kinds_only(no_pii_rules, monkeypatch):
-    """In-process prepare loads the organisation's PII rules: not the ones of whoever runs the tests (~/.sovereign)."""
+def built_in_pii_kinds_only():
+    """A test that installs kinds of its own leaves the built-in ones behind it."""
     from sovereign import pii_rules
 
-    monkeypatch.setenv("SOVEREIGN_PII_RULES", str(no_pii_rules))
     yield
     pii_rules.uninstall()
 
