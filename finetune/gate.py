@@ -96,6 +96,10 @@ class ToolCallStats(BaseModel):
         return (f"{self.exact}/{self.prompts} exact, {self.right_function} right function, "
                 f"{self.called} called")
 
+    def counts(self, prefix: str = "") -> dict[str, int]:
+        """The four numbers as a job event's data: `{prefix}tool_calls_exact`, ..."""
+        return {f"{prefix}tool_calls_{k}": getattr(self, k) for k in ("prompts", "called", "right_function", "exact")}
+
 
 class GateReport(BaseModel):
     served_name: str

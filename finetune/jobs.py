@@ -321,9 +321,7 @@ class Pipeline:
             base, tuned = report.tool_calls["base"], report.tool_calls["adapter"]
             self.emit("info", "metrics", f"Tool calls on {tuned.prompts} held-out prompts, as vLLM serves them: base "
                       f"{base.summary()} -> adapter {tuned.summary()}",
-                      {"stage": "gate", **{f"{prefix}tool_calls_{k}": getattr(s, k) for prefix, s in
-                                           (("base_", base), ("", tuned)) for k in ("exact", "right_function",
-                                                                                   "called", "prompts")}})
+                      {"stage": "gate", **base.counts("base_"), **tuned.counts()})
         elif report.tool_calls_error:
             self.emit("warn", "message", f"Tool calls not measured: {report.tool_calls_error}", {"stage": "gate"})
         if not report.passed:

@@ -182,4 +182,6 @@ def test_tool_calls_are_scored_against_the_held_out_calls_names_and_arguments():
     assert (stats["base"].called, stats["base"].right_function, stats["base"].exact) == (1, 0, 0)
     assert (stats["adapter"].called, stats["adapter"].right_function, stats["adapter"].exact) == (2, 2, 1)
     assert stats["adapter"].summary() == "1/2 exact, 2 right function, 2 called"
+    assert stats["base"].counts("base_") == {"base_tool_calls_prompts": 2, "base_tool_calls_called": 1,
+                                             "base_tool_calls_right_function": 0, "base_tool_calls_exact": 0}
     assert stats["adapter"].examples[0]["calls"] == [["lookup_order", {"order_id": "NW-1"}]]
