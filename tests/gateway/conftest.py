@@ -131,6 +131,17 @@ class GatewayProcess:
                 self.proc.wait()
 
 
+def wait_for(what, predicate, timeout: float = 30.0, interval: float = 0.1):
+    """`predicate()` once it is truthy; fails naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)
+
+
 def write_gateway_config(path: Path, **fields) -> Path:
     path.write_text(yaml.safe_dump(fields, sort_keys=False))
     return path

@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import subprocess
-import time
 
 import httpx
 import openai
@@ -16,7 +15,7 @@ import pytest
 
 from gateway.audit_read import export
 from sovereign.offline import offline_env
-from tests.gateway.conftest import start_gateway_process, write_gateway_config
+from tests.gateway.conftest import start_gateway_process, wait_for, write_gateway_config
 
 RULES = "kinds:\n  customer_id:\n    pattern: 'CUST-[0-9]{8}'\n    examples: ['CUST-00412345']\n"
 PROMPT = "Customer CUST-00412345 (mobile 13812345678) asks about a refund"
@@ -85,11 +84,11 @@ def test_a_changed_rules_file_reaches_the_running_gateway_and_a_bad_one_changes_
 
         assert sent("CUST-00412345 about POL-123456") == "[CUSTOMER_ID] about POL-123456"
         rules.write_text(RULES + "  policy_number:\n    pattern: 'POL-[0-9]{6}'\n    examples: ['POL-123456']\n")
-        wait_for(lambda: pii_status()["kinds"] == ["customer_id", "policy_number"])
+        wait_for("the new kind", lambda: pii_status()["kinds"] == ["customer_id", "policy_number"])
         assert sent("CUST-00412345 about POL-123456") == "[CUSTOMER_ID] about [POLICY_NUMBER]"
 
         rules.write_text("kinds:\n  case_id:\n    pattern: '[0-9]*'\n")  # would drop both kinds: refused
-        wait_for(lambda: pii_status()["refused"] is not None)
+        wait_for("the refusal", lambda: pii_status()["refused"] is not None)
         assert "kinds.case_id.pattern matches the empty string" in pii_status()["refused"]["error"]
         assert sent("CUST-00412345 about POL-123456") == "[CUSTOMER_ID] about [POLICY_NUMBER]"
         assert "sovereign_gateway_pii_rules_refused 1.0" in httpx.get(f"{gw.url}/metrics").text
@@ -98,10 +97,3 @@ def test_a_changed_rules_file_reaches_the_running_gateway_and_a_bad_one_changes_
     log_text = gw.log_path.read_text()
     assert "PII rules reloaded" in log_text and "PII rules change refused" in log_text
     assert "CUST-00412345" not in log_text and "POL-123456" not in log_text
-
-
-def wait_for(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "the gateway did not pick up the rules file"
-        time.sleep(0.1)

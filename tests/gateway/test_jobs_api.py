@@ -25,23 +25,13 @@ from gateway.config import GatewayConfig
 from gateway.directory import KeyEntry, TeamPolicy
 from gateway.fine_tuning import FineTuning
 from sovereign.settings import HomeSettings
-from tests.gateway.conftest import start_gateway_process, write_gateway_config
+from tests.gateway.conftest import start_gateway_process, wait_for, write_gateway_config
 from tests.gateway.fake_upstream import FakeUpstream, ThreadServer
 
 WORKER = Path(__file__).with_name("fake_ft_worker.py")
 ROWS = [{"messages": [{"role": "user", "content": f"Where is order {i}?"},
                       {"role": "assistant", "content": f"Order {i} ships tomorrow."}]} for i in range(20)]
 DATA = ("\n".join(json.dumps(r) for r in ROWS) + "\n").encode()
-
-
-def wait_for(what, predicate, timeout: float = 30.0, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(interval)
 
 
 def pid_alive(pid: int) -> bool:
