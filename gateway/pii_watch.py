@@ -35,11 +35,15 @@ class PiiRulesWatch:
     def __init__(self, interval_s: float, metrics: GatewayMetrics) -> None:
         self.interval_s = interval_s
         self.metrics = metrics
-        self.loaded = pii_rules.installed()
         self.refused: dict[str, str] | None = None  # the content refused last ({sha256, error}) while it is on disk
         self._seen = self.loaded.sha256  # what the previous read found (None: no file)
         self._task: asyncio.Task | None = None
         metrics.pii_rules_kinds.set(len(self.loaded.kinds))
+
+    @property
+    def loaded(self) -> pii_rules.PiiRules:
+        """The rules in force: what `sovereign.pii_rules` last installed."""
+        return pii_rules.installed()
 
     async def start(self) -> None:
         if self.interval_s > 0:
@@ -76,6 +80,7 @@ class PiiRulesWatch:
             return None
         if not stable or (self.refused is not None and self.refused["sha256"] == digest):
             return None
+        previous = self.loaded
         try:
             if error is not None:
                 raise ConfigError(error)
@@ -87,7 +92,6 @@ class PiiRulesWatch:
             log.error("PII rules change refused; the kinds loaded before stay in force",
                       extra={"error": str(exc), "kinds": self.loaded.kinds, "sha256": self.loaded.sha256})
             return "refused"
-        previous, self.loaded = self.loaded, rules
         self._clear_refusal()
         self.metrics.pii_rules_reloads.labels("applied").inc()
         self.metrics.pii_rules_kinds.set(len(rules.kinds))
