@@ -206,6 +206,8 @@ def make_engine(db_url: str, *, writer: bool = True) -> sa.Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
 
         return engine
+    if not writer:  # verify reads the head and then every row: one snapshot, or appends in between fail it
+        return sa.create_engine(url, pool_pre_ping=True, isolation_level="REPEATABLE READ")
     return sa.create_engine(url, pool_pre_ping=True)
 
 

@@ -552,3 +552,23 @@ def test_audit_cli_usage_prints_a_table_with_a_total_json_and_clear_refusals(sql
     assert bad.exit_code == 2 and "invalid_group" in bad.output and "team, key, model" in bad.output
     until = runner.invoke(app, ["audit", "usage", "--until", "tomorrow", "--database-url", sqlite_url])
     assert until.exit_code == 2 and "invalid_until" in until.output
+
+
+def test_verify_while_another_process_appends_reads_one_snapshot(db_url):
+    """PostgreSQL's default isolation gives each statement its own snapshot: the head read first, then rows that
+    went on growing, made `verify` fail on a healthy trail that a gateway was writing to."""
+    append_many(db_url, 50)
+    p = subprocess.Popen(worker_cmd("audit-append", db_url, "live", str(10**9), "8"), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=offline_env(), cwd=REPO)
+    try:
+        seen = 0
+        for line in p.stdout:  # appending has begun
+            seen += line.startswith("ACK")
+            if seen >= 50:
+                break
+        results = [verify(db_url) for _ in range(5)]
+    finally:
+        os.kill(p.pid, signal.SIGTERM)
+        p.communicate(timeout=60)
+    assert all(r.ok for r in results), [r.reason for r in results if not r.ok]
+    assert results[-1].count > results[0].count >= 100
