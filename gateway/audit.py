@@ -4,7 +4,9 @@ Each record stores the previous record's hash and its own hash, sha256(prev_hash
 its id), and ids run 1, 2, 3, ... without gaps, so an edited, deleted or reordered record breaks the chain at that
 record. A one-row head table (last id, last hash) is updated in the same transaction, so cutting records off the end
 is detected too; it is also the lock that serializes appends: several gateway processes writing to one PostgreSQL
-take the head row `FOR UPDATE`, SQLite takes its write lock with `BEGIN IMMEDIATE`.
+take the head row `FOR UPDATE`, SQLite takes its write lock with `BEGIN IMMEDIATE`. The other end is a one-row base
+table (first id, the hash it links to): record 1 and the genesis hash until `audit prune` (audit_prune.py) archives
+the oldest records, in the open.
 
 Group commit: `append` hands the record to one background writer thread per log and waits; the writer takes
 everything queued, writes it in one transaction (one fsync: SQLite in WAL with synchronous=FULL, PostgreSQL's commit)
@@ -118,6 +120,14 @@ audit_head = sa.Table(
     sa.Column("last_id", sa.BigInteger, nullable=False),
     sa.Column("last_hash", sa.String(64), nullable=False),
 )
+# Where the chain in the table starts: record 1 and the genesis hash until `audit prune` (audit_prune.py) moves the
+# records before a date into an archive, and then the first record kept and the hash it links to.
+audit_base = sa.Table(
+    "audit_base", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),  # always 1
+    sa.Column("first_id", sa.BigInteger, nullable=False),
+    sa.Column("prev_hash", sa.String(64), nullable=False),
+)
 
 
 def _not_json(value: Any) -> Any:
@@ -223,6 +233,8 @@ def ensure_schema(engine: sa.Engine) -> None:
                 conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
         if conn.execute(sa.select(audit_head.c.id).where(audit_head.c.id == 1)).first() is None:
             conn.execute(audit_head.insert().values(id=1, last_id=0, last_hash=GENESIS))
+        if conn.execute(sa.select(audit_base.c.id).where(audit_base.c.id == 1)).first() is None:
+            conn.execute(audit_base.insert().values(id=1, first_id=1, prev_hash=GENESIS))
 
 
 @dataclass(slots=True)

@@ -1,4 +1,5 @@
-"""`sovereign audit verify|export|usage`: check the hash chain, ship the trail as JSON lines, sum what teams used."""
+"""`sovereign audit verify|export|prune|usage`: check the hash chain, ship the trail as JSON lines, move old records
+into an archive, sum what teams used."""
 
 from __future__ import annotations
 
@@ -69,6 +70,58 @@ def register_audit(app: typer.Typer) -> None:
         if out is not None:
             typer.echo(f"exported {n} records to {out}", err=True)
 
+    @audit.command("prune")
+    def prune_cmd(
+        before: str = typer.Option(..., "--before", help="Prune records of requests that arrived before this time: "
+                                                         "ISO 8601 or unix seconds (UTC)"),
+        archive: Path = typer.Option(None, "--archive", dir_okay=False,
+                                     help="Write the pruned records here first, as an export file (never overwritten)"),
+        no_archive: bool = typer.Option(False, "--no-archive", help="Delete without keeping them anywhere (data that "
+                                                                    "must not be kept); the chain still records it"),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be pruned, change nothing"),
+        yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation"),
+        database_url: str = typer.Option(None, "--database-url", envvar="SOVEREIGN_GATEWAY_DATABASE_URL",
+                                         help=_DB_HELP),
+    ) -> None:
+        """Move records older than a date out of the database into an archive file; the chain keeps a record of it,
+        so `audit verify` still passes and the archive verifies on its own."""
+        from gateway.audit import AuditError
+        from gateway.audit_prune import plan, prune
+
+        if (archive is not None) == no_archive and not dry_run:
+            raise typer.BadParameter("give either --archive FILE or --no-archive (delete without keeping the records)",
+                                     param_hint="--archive")
+        url = _db_url(database_url)
+        try:
+            p = plan(url, before)
+            if p.count <= 0:
+                typer.echo(f"nothing to prune: no record before {before} (the chain starts at record {p.first_id})")
+                return
+            what = (f"records {p.first_id:,}..{p.through:,} ({p.count:,}, arrived {_when(p.first_ts)} .. "
+                    f"{_when(p.last_ts)})")
+            if dry_run:
+                typer.echo(f"would prune {what}")
+                return
+            if not yes:
+                typer.confirm(f"Prune {what}" + (f" into {archive}?" if archive else ", keeping no copy?"), abort=True)
+            from rich.progress import Progress
+
+            with Progress(transient=True) as bar:
+                task = bar.add_task("deleting", total=p.count)
+                result = prune(url, before, archive, lambda done, total: bar.update(task, completed=done))
+        except AuditError as exc:
+            typer.echo(f"error [{exc.code}]: {exc}", err=True)
+            raise typer.Exit(2) from None
+        if result is None:
+            typer.echo("nothing to prune")
+            return
+        kept = f"archived to {archive} (sha256 {result.archive_sha256}), then " if archive else ""
+        typer.echo(f"pruned {what}: {kept}deleted from the database. Record {result.declared_in:,} declares the prune "
+                   f"(last hash pruned {result.last_hash}).")
+        if archive:
+            anchor = "" if p.first_id == 1 else f" --anchor {p.prev_hash}"
+            typer.echo(f"Check the archive with `sovereign audit verify --file {archive}{anchor}`.")
+
     @audit.command("usage")
     def usage_cmd(
         by: str = typer.Option("team", "--by", help="Comma-separated: team, key, model, adapter, status, day, month"),
@@ -117,3 +170,9 @@ def _counts(u) -> list[str]:
 
     last = datetime.fromtimestamp(u.last_request_at, UTC).strftime("%Y-%m-%d %H:%M") if u.last_request_at else ""
     return [f"{n:,}" for n in (u.requests, u.errors, u.prompt_tokens, u.completion_tokens, u.total_tokens)] + [last]
+
+
+def _when(ts: float | None) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M") if ts is not None else "?"

@@ -14,8 +14,10 @@ from typing import IO, Any
 
 import sqlalchemy as sa
 
-from gateway.audit import (GENESIS, RECORD_FIELDS, AuditError, audit_head, audit_log, canonical_json, make_engine,
-                           record_hash)
+from gateway.audit import (GENESIS, RECORD_FIELDS, AuditError, audit_base, audit_head, audit_log, canonical_json,
+                           make_engine, record_hash)
+
+PRUNE_MARK = '"audit_prune"'  # in the policy (canonical JSON) of the record `audit prune` appends
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,8 +28,10 @@ class VerifyResult:
     reason: str = ""
 
 
-def _iter_rows(conn: sa.Connection, since_ts: float | None = None) -> Iterator[dict[str, Any]]:
-    """Rows by id; with `since_ts`, from the first record that arrived at or after it to the end, without gaps.
+def iter_rows(conn: sa.Connection, since_ts: float | None = None, through: int | None = None
+              ) -> Iterator[dict[str, Any]]:
+    """Rows by id, up to `through` if given; with `since_ts`, from the first record that arrived at or after it on,
+    without gaps.
 
     A record is written when its request ends, so `ts` (arrival) is not in id order: a long request that arrived just
     before `since_ts` sits among later ones. Filtering on `ts` alone would leave holes no verifier could tell from
@@ -39,16 +43,20 @@ def _iter_rows(conn: sa.Connection, since_ts: float | None = None) -> Iterator[d
         if first is None:
             return
         q = q.where(audit_log.c.id >= first)
+    if through is not None:
+        q = q.where(audit_log.c.id <= through)
     for row in conn.execution_options(stream_results=True, yield_per=2000).execute(q):
         yield dict(row._mapping)
 
 
 def _check_chain(rows: Iterator[dict[str, Any]], head: tuple[int, str] | None,
-                 start: tuple[int, str] = (1, GENESIS)) -> VerifyResult:
+                 start: tuple[int, str] = (1, GENESIS), *, pruned: bool = False) -> VerifyResult:
     """The chain rules, shared by the database and an exported file: ids from `start` on (1 and the genesis hash for
-    a whole chain), each linked and hashed right."""
+    a whole chain), each linked and hashed right. `pruned`: `start` is the database's, moved by `audit prune`, so a
+    record of the chain itself must declare the records before it pruned (else they were deleted behind its back)."""
     expected_id, prev_hash = start
     count = 0
+    declared: tuple[int, str, int] | None = None  # (through, last_hash, declaring id) of the furthest prune record
     for row in rows:
         rid = row["id"]
         if rid != expected_id:
@@ -62,19 +70,47 @@ def _check_chain(rows: Iterator[dict[str, Any]], head: tuple[int, str] | None,
                                                     "differs): a record before it was changed, removed or reordered")
         if record_hash(prev_hash, row) != row["hash"]:
             return VerifyResult(False, count, rid, f"record {rid} was modified: its contents do not match its hash")
+        if pruned and PRUNE_MARK in row["policy"]:
+            through, last_hash = prune_declaration(row)
+            if declared is None or through >= declared[0]:
+                declared = (through, last_hash, rid)
         prev_hash = row["hash"]
         expected_id += 1
         count += 1
+    last_seen = expected_id - 1
+    if pruned and start[0] > 1:
+        gone = 1 if start[0] == 2 else f"1..{start[0] - 1}"
+        if declared is None or declared[0] < start[0] - 1:
+            return VerifyResult(False, count, 1, f"record {gone} is missing: the chain starts at record {start[0]} "
+                                                 "and no prune record in it declares the records before it pruned")
+        if declared[0] == start[0] - 1 and declared[1] != start[1]:
+            return VerifyResult(False, count, start[0], f"the chain's start (the hash before record {start[0]}) is "
+                                                        f"not the one prune record {declared[2]} declares")
     if head is not None:
         last_id, last_hash = head
-        if last_id > count:
-            missing = count + 1 if last_id == count + 1 else f"{count + 1}..{last_id}"
-            return VerifyResult(False, count, count + 1, f"records {missing} are missing from the end of the chain "
-                                                         f"(the chain head says {last_id} records)")
-        if last_id != count or last_hash != prev_hash:
-            return VerifyResult(False, count, min(last_id + 1, count),
-                                f"the chain head (record {last_id}) does not match the last record ({count})")
+        if last_id > last_seen:
+            missing = last_seen + 1 if last_id == last_seen + 1 else f"{last_seen + 1}..{last_id}"
+            return VerifyResult(False, count, last_seen + 1, f"records {missing} are missing from the end of the "
+                                                             f"chain (the chain head says {last_id} records)")
+        if last_id != last_seen or last_hash != prev_hash:
+            return VerifyResult(False, count, min(last_id + 1, last_seen),
+                                f"the chain head (record {last_id}) does not match the last record ({last_seen})")
+    if pruned and start[0] > 1:
+        return VerifyResult(True, count, None, f"{count} records ({start[0]}..{last_seen}), chain intact; records "
+                                               f"1..{start[0] - 1} were pruned (declared in record {declared[2]})")
     return VerifyResult(True, count, None, f"{count} records, chain intact")
+
+
+def prune_declaration(row: dict[str, Any]) -> tuple[int, str]:
+    """(through, last_hash) of a record written by `audit prune`: records up to `through` were archived and deleted,
+    the last of them hashed `last_hash`."""
+    if row["key_id"] is not None or row["status"] != 0:
+        return 0, ""  # a request's record, whatever its policy says
+    try:
+        decl = json.loads(row["policy"])[PRUNE_MARK.strip('"')]
+        return int(decl["through"]), str(decl["last_hash"])
+    except (ValueError, KeyError, TypeError):
+        return 0, ""
 
 
 def verify(db_url: str) -> VerifyResult:
@@ -84,14 +120,22 @@ def verify(db_url: str) -> VerifyResult:
         insp = sa.inspect(engine)
         if not insp.has_table("audit_log") or not insp.has_table("audit_head"):
             return VerifyResult(False, 0, None, "no audit trail in this database (tables audit_log/audit_head missing)")
+        has_base = insp.has_table("audit_base")  # trails from before `audit prune` existed have none
         with engine.connect() as conn:  # one transaction: a consistent snapshot while gateways keep appending
             head = conn.execute(sa.select(audit_head.c.last_id, audit_head.c.last_hash)
                                 .where(audit_head.c.id == 1)).first()
             if head is None:
                 return VerifyResult(False, 0, None, "the chain head row is missing")
-            return _check_chain(_iter_rows(conn), (int(head[0]), str(head[1])))
+            start = chain_start(conn) if has_base else (1, GENESIS)
+            return _check_chain(iter_rows(conn), (int(head[0]), str(head[1])), start, pruned=True)
     finally:
         engine.dispose()
+
+
+def chain_start(conn: sa.Connection) -> tuple[int, str]:
+    """(first id, the hash it links to) of the chain in the database: (1, genesis) until a prune moved it."""
+    row = conn.execute(sa.select(audit_base.c.first_id, audit_base.c.prev_hash).where(audit_base.c.id == 1)).first()
+    return (1, GENESIS) if row is None else (int(row[0]), str(row[1]))
 
 
 def verify_jsonl(path: str | Path, anchor: str | None = None) -> VerifyResult:
@@ -188,9 +232,14 @@ def trail_reader(db_url: str) -> Iterator[sa.Engine]:
 def _export_to(engine: sa.Engine, fh: IO[str], since_ts: float | None) -> int:
     n = 0
     with engine.connect() as conn:
-        for row in _iter_rows(conn, since_ts):
-            row["policy"] = json.loads(row["policy"])
-            row["time"] = datetime.fromtimestamp(row["ts"], tz=timezone.utc).isoformat()
-            fh.write(canonical_json(row) + "\n")
+        for row in iter_rows(conn, since_ts):
+            fh.write(export_line(row))
             n += 1
     return n
+
+
+def export_line(row: dict[str, Any]) -> str:
+    """A database row as one line of an export: policy as JSON, and the arrival time in ISO 8601 for people."""
+    row["policy"] = json.loads(row["policy"])
+    row["time"] = datetime.fromtimestamp(row["ts"], tz=timezone.utc).isoformat()
+    return canonical_json(row) + "\n"

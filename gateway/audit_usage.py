@@ -72,6 +72,7 @@ def usage(db_url: str, by: list[str], since: float | None = None, until: float |
         errors = sa.func.sum(sa.case((audit_log.c.status >= 400, 1), else_=0))
         q = sa.select(*cols, sa.func.count(), errors, sa.func.sum(audit_log.c.prompt_tokens),
                       sa.func.sum(audit_log.c.completion_tokens), sa.func.max(audit_log.c.ts))
+        q = q.where(audit_log.c.status != 0)  # the trail's own records (a prune's declaration) are no request
         if since is not None:
             q = q.where(audit_log.c.ts >= since)
         if until is not None:
