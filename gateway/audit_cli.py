@@ -4,6 +4,7 @@ into an archive, sum what teams used."""
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import typer
@@ -72,10 +73,14 @@ def register_audit(app: typer.Typer) -> None:
 
     @audit.command("prune")
     def prune_cmd(
-        before: str = typer.Option(..., "--before", help="Prune records of requests that arrived before this time: "
-                                                         "ISO 8601 or unix seconds (UTC)"),
+        before: str = typer.Option(None, "--before", help="Prune records of requests that arrived before this time: "
+                                                          "ISO 8601 or unix seconds (UTC)"),
+        older_than: str = typer.Option(None, "--older-than", help="...or that arrived longer ago than this: 400d, "
+                                                                  "12h (for a schedule)"),
         archive: Path = typer.Option(None, "--archive", dir_okay=False,
                                      help="Write the pruned records here first, as an export file (never overwritten)"),
+        archive_dir: Path = typer.Option(None, "--archive-dir", file_okay=False,
+                                         help="...or into this folder, as audit-FIRST-LAST.jsonl (for a schedule)"),
         no_archive: bool = typer.Option(False, "--no-archive", help="Delete without keeping them anywhere (data that "
                                                                     "must not be kept); the chain still records it"),
         dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be pruned, change nothing"),
@@ -88,33 +93,42 @@ def register_audit(app: typer.Typer) -> None:
         from gateway.audit import AuditError
         from gateway.audit_prune import plan, prune
 
-        if (archive is not None) == no_archive and not dry_run:
-            raise typer.BadParameter("give either --archive FILE or --no-archive (delete without keeping the records)",
-                                     param_hint="--archive")
+        if (before is None) == (older_than is None):
+            raise typer.BadParameter("give either --before TIME or --older-than SPAN", param_hint="--before")
+        if sum((archive is not None, archive_dir is not None, no_archive)) != 1 and not dry_run:
+            raise typer.BadParameter("give one of --archive FILE, --archive-dir DIR or --no-archive (delete without "
+                                     "keeping the records)", param_hint="--archive")
+        if older_than is not None:
+            from gateway.cli import parse_duration
+
+            if (span := parse_duration(older_than)) is None:
+                raise typer.BadParameter(f"{older_than!r}: expected a span like 400d, 12h or 30m",
+                                         param_hint="--older-than")
+            before = str(time.time() - span.total_seconds())
         url = _db_url(database_url)
         try:
             p = plan(url, before)
             if p.count <= 0:
-                typer.echo(f"nothing to prune: no record before {before} (the chain starts at record {p.first_id})")
+                typer.echo(f"nothing to prune: no record before {_when(float(before)) if older_than else before} "
+                           f"(the chain starts at record {p.first_id})")
                 return
             what = (f"records {p.first_id:,}..{p.through:,} ({p.count:,}, arrived {_when(p.first_ts)} .. "
                     f"{_when(p.last_ts)})")
             if dry_run:
                 typer.echo(f"would prune {what}")
                 return
+            if archive_dir is not None:
+                archive = archive_dir / f"audit-{p.first_id}-{p.through}.jsonl"
             if not yes:
                 typer.confirm(f"Prune {what}" + (f" into {archive}?" if archive else ", keeping no copy?"), abort=True)
             from rich.progress import Progress
 
             with Progress(transient=True) as bar:
                 task = bar.add_task("deleting", total=p.count)
-                result = prune(url, before, archive, lambda done, total: bar.update(task, completed=done))
+                result = prune(url, before, archive, lambda done, total: bar.update(task, completed=done), planned=p)
         except AuditError as exc:
             typer.echo(f"error [{exc.code}]: {exc}", err=True)
             raise typer.Exit(2) from None
-        if result is None:
-            typer.echo("nothing to prune")
-            return
         kept = f"archived to {archive} (sha256 {result.archive_sha256}), then " if archive else ""
         typer.echo(f"pruned {what}: {kept}deleted from the database. Record {result.declared_in:,} declares the prune "
                    f"(last hash pruned {result.last_hash}).")

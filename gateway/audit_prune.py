@@ -80,13 +80,15 @@ def plan(db_url: str, before: str | float) -> PrunePlan:
 
 
 def prune(db_url: str, before: str | float, archive: Path | None,
-          progress: Callable[[int, int], None] | None = None) -> PruneResult | None:
+          progress: Callable[[int, int], None] | None = None, *, planned: PrunePlan | None = None
+          ) -> PruneResult | None:
     """Archive (unless `archive` is None: deletion for data that must not be kept) and delete the records before
-    `before`; None when there are none. `progress(done, total)` is called as chunks are deleted."""
+    `before` (or those `planned`, shown to the user first); None when there are none. `progress(done, total)` is
+    called as chunks are deleted."""
     if archive is not None and archive.exists():
         raise AuditError(f"{archive} exists: an archive is never overwritten; name a new file",
                          code="archive_exists")
-    p = plan(db_url, before)
+    p = planned if planned is not None else plan(db_url, before)
     if p.count <= 0:
         return None
     checked = verify(db_url)

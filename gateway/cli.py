@@ -203,7 +203,8 @@ def _policy(models, max_tokens, pii, injection, audit_content) -> dict:
     return out
 
 
-def _parse_duration(text: str):
+def parse_duration(text: str):
+    """A span like 90d / 12h / 30m as a timedelta; None when it is not one."""
     import re
     from datetime import timedelta
 
@@ -214,7 +215,7 @@ def _parse_duration(text: str):
 
 def _duration(text: str, option: str):
     """A span like 90d / 12h / 30m; refused with what it expects."""
-    span = _parse_duration(text)
+    span = parse_duration(text)
     if span is None:
         console.print(f"[red]error[/red] (invalid_argument): {option} {text!r}: expected a duration: 90d, 12h, 30m")
         raise typer.Exit(2)
@@ -227,7 +228,7 @@ def _expiry(text: str | None):
 
     if text is None:
         return None
-    if (span := _parse_duration(text)) is not None:
+    if (span := parse_duration(text)) is not None:
         return datetime.now(UTC) + span
     try:
         return datetime.fromisoformat(text.strip().replace("Z", "+00:00"))

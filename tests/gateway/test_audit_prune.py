@@ -215,6 +215,24 @@ def test_audit_cli_prune(sqlite_url, tmp_path):  # noqa: F811
     assert decl["archive"] is None and decl["archive_sha256"] is None and decl["through"] == 7
     future = runner.invoke(app, ["audit", "prune", *db, "--before", "2099-01-01", "--no-archive", "--yes"])
     assert future.exit_code == 2 and "invalid_before" in future.output
+    # For a schedule: a span instead of a date, and a folder that names each archive by its records.
+    both = runner.invoke(app, ["audit", "prune", *db, "--before", "2025-10-16", "--older-than", "1d", "--no-archive"])
+    assert both.exit_code == 2 and "--older-than" in both.output
+    bad = runner.invoke(app, ["audit", "prune", *db, "--older-than", "a year", "--no-archive", "--yes"])
+    assert bad.exit_code == 2 and "400d" in bad.output
+    two = runner.invoke(app, ["audit", "prune", *db, "--older-than", "1d", "--no-archive", "--archive-dir",
+                              str(tmp_path)])
+    assert two.exit_code == 2 and "one of --archive" in two.output
+    scheduled = runner.invoke(app, ["audit", "prune", *db, "--older-than", "1d", "--archive-dir",
+                                    str(tmp_path / "vault"), "--yes"])
+    assert scheduled.exit_code == 0, scheduled.output
+    # Records 8..10 arrived in 2025, the two declarations (11, 12) today: 8..10 go.
+    assert "pruned records 8..10" in scheduled.output
+    assert verify_jsonl(tmp_path / "vault" / "audit-8-10.jsonl").count == 3
+    again = runner.invoke(app, ["audit", "prune", *db, "--older-than", "1d", "--archive-dir", str(tmp_path / "vault"),
+                                "--yes"])
+    assert again.exit_code == 0 and "nothing to prune" in again.output
+    assert verify(sqlite_url).ok
 
 
 def test_sovereign_audit_prune_through_the_real_command(sqlite_url, tmp_path):  # noqa: F811
