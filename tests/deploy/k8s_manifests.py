@@ -83,7 +83,8 @@ def pod_spec(obj: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def pod_labels(obj: dict[str, Any]) -> dict[str, str]:
-    return obj["spec"]["template"]["metadata"].get("labels", {})
+    template = obj["spec"]["jobTemplate"]["spec"]["template"] if obj["kind"] == "CronJob" else obj["spec"]["template"]
+    return template["metadata"].get("labels", {})
 
 
 def workloads(objects: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:

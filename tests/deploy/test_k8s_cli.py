@@ -69,7 +69,8 @@ def _sovereign_containers(objects):
 
 
 def _cases():
-    return [(overlay, component) for overlay in OVERLAYS for component in ("serving", "gateway", "finetune")]
+    return [(overlay, component) for overlay in OVERLAYS
+            for component in ("serving", "gateway", "finetune", "audit-retention")]
 
 
 @pytest.mark.parametrize(("overlay", "component"), _cases())
@@ -89,6 +90,14 @@ def test_container_commands_parse_with_the_real_cli(rendered, overlay, component
         elif component == "gateway":
             assert path == ["gateway"]
             assert (p["config"], p["host"], p["port"]) == ("/etc/sovereign/gateway.yaml", "0.0.0.0", 8080)
+        elif component == "audit-retention":
+            # Unattended: it must not wait for a "yes", and it keeps what it prunes on the archive volume.
+            assert path == ["audit", "prune"] and p["yes"] and p["older_than"] and not p["no_archive"]
+            archive = next(m for m in c["volumeMounts"] if m["mountPath"] == str(p["archive_dir"]))
+            volume = next(v for v in spec["volumes"] if v["name"] == archive["name"])
+            assert volume["persistentVolumeClaim"]["claimName"] == "sovereign-audit-archive"
+            db = next(e for e in c["env"] if e["name"] == "SOVEREIGN_GATEWAY_DATABASE_URL")
+            assert db["valueFrom"]["secretKeyRef"] == {"name": "sovereign-gateway-secrets", "key": "database-url"}
         else:
             assert path == ["finetune", "run-job"]
             assert f"/var/lib/sovereign/jobs/{SAMPLE_JOB_ID}" in {str(v) for v in p.values()}, p

@@ -249,8 +249,8 @@ def test_every_object_fits_a_client_side_apply(rendered, overlay):
 
 
 def test_cpu_dev_takes_the_monitoring_component_as_its_comment_says(tmp_path):
-    """Uncommenting the two `components:` lines of cpu-dev (in a copy of deploy/) adds the ServiceMonitor and the
-    dashboard, in the namespace."""
+    """Uncommenting the monitoring line of cpu-dev's `components:` (in a copy of deploy/) adds the ServiceMonitor and
+    the dashboard, in the namespace."""
     import shutil
 
     from k8s_manifests import K8S, kustomize
@@ -259,8 +259,8 @@ def test_cpu_dev_takes_the_monitoring_component_as_its_comment_says(tmp_path):
     shutil.copytree(K8S.parent, copy)
     kustomization = copy / "k8s" / "overlays" / "cpu-dev" / "kustomization.yaml"
     text = kustomization.read_text()
-    commented = "# components:\n#   - ../../components/monitoring"
-    enabled = text.replace(commented, "components:\n  - ../../components/monitoring")
+    commented = "  # - ../../components/monitoring"
+    enabled = text.replace(commented, "  - ../../components/monitoring")
     assert enabled != text, "cpu-dev no longer carries the commented monitoring component"
     kustomization.write_text(enabled)
     objects = kustomize(copy / "k8s" / "overlays" / "cpu-dev")

@@ -286,7 +286,7 @@ def test_ingress_from_outside_the_namespace_reaches_the_gateway_only(rendered, o
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_datastores_and_vllm_admit_only_their_clients(rendered, overlay):
     objects = rendered[overlay]
-    want = {"serving": {"gateway", "finetune"}, "postgres": {"gateway"}, "redis": {"gateway"}}
+    want = {"serving": {"gateway", "finetune"}, "postgres": {"gateway", "audit-retention"}, "redis": {"gateway"}}
     for obj, _ in workloads(objects):
         component = pod_labels(obj)["app.kubernetes.io/component"]
         if component not in want:
