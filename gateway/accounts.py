@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import Engine, or_, select
@@ -18,10 +18,14 @@ from sqlalchemy.orm import Session
 from gateway.db import ApiKey, Team, bump_generation, utcnow
 from sovereign.errors import SovereignError
 
+if TYPE_CHECKING:
+    from gateway.audit_admin import AdminTrail
+
 KEY_PREFIX = "sk-sov-"
 PiiMode = Literal["off", "redact", "block"]
 InjectionMode = Literal["off", "flag", "block"]
 AuditContent = Literal["none", "hash", "redacted"]
+BOOTSTRAP = "gateway-start"  # `by` of the changes a gateway makes for its bootstrap admin key
 LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "daily_tokens", "monthly_tokens")
 
 
@@ -158,13 +162,24 @@ def as_utc(t: datetime | None) -> datetime | None:
 
 
 class Accounts:
-    """Team and key operations on one database; each method is one transaction."""
+    """Team and key operations on one database; each method is one transaction. With a `trail`, every change is
+    then recorded in the audit trail (audit_admin.py); `by` names the admin key that asked for it."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, trail: AdminTrail | None = None) -> None:
         self.engine = engine
+        self.trail = trail
+
+    def _record(self, action: str, team: str | None, by: str | None, **details: Any) -> None:
+        if self.trail is None:
+            return
+        try:
+            self.trail.record(action, team=team, by=by, **details)
+        except Exception as exc:
+            raise AccountError(f"the change was made, but its audit record could not be written: {exc}",
+                               code="audit_unavailable", status=500) from None
 
     # teams -----------------------------------------------------------------------------------------------------
-    def create_team(self, spec: TeamSpec) -> TeamOut:
+    def create_team(self, spec: TeamSpec, *, by: str | None = None) -> TeamOut:
         with Session(self.engine, expire_on_commit=False) as s, s.begin():
             if s.get(Team, spec.name) is not None:
                 raise AccountError(f"team {spec.name!r} already exists", code="team_exists", status=409)
@@ -172,7 +187,9 @@ class Accounts:
             s.add(team)
             bump_generation(s)
             s.flush()
-            return _team_out(team)
+            out = _team_out(team)
+        self._record("team.create", spec.name, by, policy=spec.model_dump(mode="json", exclude={"name"}))
+        return out
 
     def get_team(self, name: str) -> TeamOut:
         with Session(self.engine) as s:
@@ -184,10 +201,11 @@ class Accounts:
             teams = s.scalars(select(Team).order_by(Team.name)).all()
             return [_team_out(t, self._active_keys(s, t.name)) for t in teams]
 
-    def update_team(self, name: str, changes: TeamUpdate) -> TeamOut:
+    def update_team(self, name: str, changes: TeamUpdate, *, by: str | None = None) -> TeamOut:
         fields = changes.model_dump(exclude_unset=True)
         with Session(self.engine, expire_on_commit=False) as s, s.begin():
             team = self._team(s, name)
+            before = _team_out(team).model_dump(mode="json")
             for field, value in fields.items():
                 if value is None and field not in (*LIMIT_FIELDS, "max_tokens"):
                     continue
@@ -195,9 +213,13 @@ class Accounts:
             team.updated_at = utcnow()
             bump_generation(s)
             s.flush()
-            return _team_out(team, self._active_keys(s, name))
+            out = _team_out(team, self._active_keys(s, name))
+        after = out.model_dump(mode="json")
+        self._record("team.update", name, by, changes={f: [before[f], after[f]] for f in fields
+                                                      if f in after and before[f] != after[f]})
+        return out
 
-    def delete_team(self, name: str, *, force: bool = False) -> int:
+    def delete_team(self, name: str, *, force: bool = False, by: str | None = None) -> int:
         """Delete a team and its keys; while a key still works it needs `force`. Returns the keys deleted."""
         with Session(self.engine) as s, s.begin():
             team = self._team(s, name)
@@ -211,10 +233,13 @@ class Accounts:
             s.flush()
             s.delete(team)
             bump_generation(s)
-            return len(keys)
+            deleted = [k.id for k in keys]
+        self._record("team.delete", name, by, force=force, keys_deleted=deleted)
+        return len(deleted)
 
     # keys ------------------------------------------------------------------------------------------------------
-    def create_key(self, spec: KeySpec, *, secret: str | None = None, key_id: str | None = None) -> KeyCreated:
+    def create_key(self, spec: KeySpec, *, secret: str | None = None, key_id: str | None = None,
+                   by: str | None = None) -> KeyCreated:
         """A new key for `spec.team`; `secret` lets the bootstrap key be a value chosen outside."""
         secret = secret or generate_secret()
         with Session(self.engine, expire_on_commit=False) as s, s.begin():
@@ -226,6 +251,7 @@ class Accounts:
             bump_generation(s)
             s.flush()
             out = _key_out(key)
+        self._record("key.create", spec.team, by, **_key_details(out))
         return KeyCreated(**out.model_dump(), secret=secret)
 
     def list_keys(self, team: str | None = None, *, include_revoked: bool = False) -> list[KeyOut]:
@@ -238,18 +264,23 @@ class Accounts:
                 q = q.where(*_live())
             return [_key_out(k) for k in s.scalars(q).all()]
 
-    def revoke_key(self, key_id: str) -> KeyOut:
+    def revoke_key(self, key_id: str, *, by: str | None = None) -> KeyOut:
         with Session(self.engine, expire_on_commit=False) as s, s.begin():
             key = s.get(ApiKey, key_id)
             if key is None:
                 raise AccountError(f"no key with id {key_id!r}", code="key_not_found", status=404)
-            if key.revoked_at is None:
+            revoking = key.revoked_at is None
+            if revoking:
                 key.revoked_at = utcnow()
                 bump_generation(s)
             s.flush()
-            return _key_out(key)
+            out = _key_out(key)
+        if revoking:
+            self._record("key.revoke", out.team, by, key=out.id, name=out.name)
+        return out
 
-    def rotate_key(self, key_id: str, *, grace: timedelta, expires_at: datetime | None = None) -> KeyCreated:
+    def rotate_key(self, key_id: str, *, grace: timedelta, expires_at: datetime | None = None,
+                   by: str | None = None) -> KeyCreated:
         """A new secret for a live key: a new key with its team, name, admin flag and limits, while the old one keeps
         working for `grace` (apps switch over without an outage), then expires. The new key lives as long as the old
         one was meant to (from now), unless `expires_at` says otherwise."""
@@ -275,6 +306,9 @@ class Accounts:
             bump_generation(s)
             s.flush()
             out = _key_out(new)
+            old_until = _key_out(old).expires_at
+        self._record("key.rotate", out.team, by, key=key_id, key_expires_at=old_until.isoformat(),
+                     **_key_details(out, "new_key"))
         return KeyCreated(**out.model_dump(), secret=secret)
 
     def ensure_bootstrap_key(self, secret: str, team: str = "admin") -> str:
@@ -287,12 +321,13 @@ class Accounts:
             has_team = s.get(Team, team) is not None
         if not has_team:
             try:
-                self.create_team(TeamSpec(name=team))
+                self.create_team(TeamSpec(name=team), by=BOOTSTRAP)
             except AccountError:
                 pass  # another gateway replica created it a moment ago
         key_id = "key_bootstrap_" + digest[:8]
         try:
-            self.create_key(KeySpec(team=team, name="bootstrap", is_admin=True), secret=secret, key_id=key_id)
+            self.create_key(KeySpec(team=team, name="bootstrap", is_admin=True), secret=secret, key_id=key_id,
+                            by=BOOTSTRAP)
         except Exception:
             # Two replicas racing on the same bootstrap key: the loser finds the winner's row.
             with Session(self.engine) as s:
@@ -311,6 +346,13 @@ class Accounts:
     @staticmethod
     def _active_keys(s: Session, team: str) -> int:
         return len(s.scalars(select(ApiKey.id).where(ApiKey.team == team, *_live())).all())
+
+
+def _key_details(k: KeyOut, field: str = "key") -> dict[str, Any]:
+    """A key as its change record keeps it (its id under `field`): never the secret, nor the prefix that starts it."""
+    return {field: k.id, "name": k.name, "is_admin": k.is_admin,
+            "expires_at": k.expires_at.isoformat() if k.expires_at else None,
+            "limits": k.limits.model_dump(mode="json", exclude_none=True)}
 
 
 def _live() -> tuple:

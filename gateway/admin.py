@@ -89,8 +89,8 @@ def build_admin_app(accounts: Accounts, directory: Directory, status: Any = None
         return accounts.list_teams()
 
     @app.post("/admin/teams", response_model=TeamOut, status_code=201)
-    def create_team(spec: TeamSpec, _: Admin) -> TeamOut:
-        out = accounts.create_team(spec)
+    def create_team(spec: TeamSpec, admin: Admin) -> TeamOut:
+        out = accounts.create_team(spec, by=admin.id)
         changed()
         return out
 
@@ -99,14 +99,14 @@ def build_admin_app(accounts: Accounts, directory: Directory, status: Any = None
         return accounts.get_team(name)
 
     @app.patch("/admin/teams/{name}", response_model=TeamOut)
-    def update_team(name: str, changes: TeamUpdate, _: Admin) -> TeamOut:
-        out = accounts.update_team(name, changes)
+    def update_team(name: str, changes: TeamUpdate, admin: Admin) -> TeamOut:
+        out = accounts.update_team(name, changes, by=admin.id)
         changed()
         return out
 
     @app.delete("/admin/teams/{name}")
-    def delete_team(name: str, _: Admin, force: bool = False) -> dict:
-        deleted = accounts.delete_team(name, force=force)
+    def delete_team(name: str, admin: Admin, force: bool = False) -> dict:
+        deleted = accounts.delete_team(name, force=force, by=admin.id)
         changed()
         return {"deleted": name, "keys_deleted": deleted}
 
@@ -115,28 +115,28 @@ def build_admin_app(accounts: Accounts, directory: Directory, status: Any = None
         return accounts.list_keys(team, include_revoked=include_revoked)
 
     @app.post("/admin/keys", response_model=KeyCreated, status_code=201)
-    def create_key(spec: KeySpec, _: Admin) -> KeyCreated:
-        out = accounts.create_key(spec)
+    def create_key(spec: KeySpec, admin: Admin) -> KeyCreated:
+        out = accounts.create_key(spec, by=admin.id)
         changed()
         return out
 
     @app.post("/admin/keys/{key_id}/revoke", response_model=KeyOut)
-    def revoke_key(key_id: str, _: Admin) -> KeyOut:
-        out = accounts.revoke_key(key_id)
+    def revoke_key(key_id: str, admin: Admin) -> KeyOut:
+        out = accounts.revoke_key(key_id, by=admin.id)
         changed()
         return out
 
     @app.post("/admin/keys/{key_id}/rotate", response_model=KeyCreated, status_code=201)
-    def rotate_key(key_id: str, _: Admin, rotation: KeyRotation | None = None) -> KeyCreated:
+    def rotate_key(key_id: str, admin: Admin, rotation: KeyRotation | None = None) -> KeyCreated:
         rotation = rotation or KeyRotation()
         out = accounts.rotate_key(key_id, grace=timedelta(seconds=rotation.grace_seconds),
-                                  expires_at=rotation.expires_at)
+                                  expires_at=rotation.expires_at, by=admin.id)
         changed()
         return out
 
     @app.delete("/admin/keys/{key_id}", response_model=KeyOut)
-    def delete_key(key_id: str, _: Admin) -> KeyOut:
-        out = accounts.revoke_key(key_id)
+    def delete_key(key_id: str, admin: Admin) -> KeyOut:
+        out = accounts.revoke_key(key_id, by=admin.id)
         changed()
         return out
 
@@ -144,23 +144,36 @@ def build_admin_app(accounts: Accounts, directory: Directory, status: Any = None
     def get_status(_: Admin) -> dict:
         return status() if status is not None else {}
 
+    @app.get("/admin/changes")
+    def get_changes(_: Admin, team: str | None = None, since: str | None = None) -> list[dict]:
+        """What `sovereign audit changes` prints: who changed which team or key, and how, from the audit trail."""
+        from gateway.audit_read import changes, parse_time
+
+        return _from_trail(audit_url, lambda url: changes(url, team, parse_time(since, "since")))
+
     @app.get("/admin/usage")
     def get_usage(_: Admin, by: str = "team", since: str | None = None, until: str | None = None) -> list[dict]:
         """What `sovereign audit usage` prints: requests, errors and tokens per team, key, model, adapter, status,
         day or month (comma-separated `by`), from the audit trail."""
-        from gateway.audit import AuditError
         from gateway.audit_read import parse_time
         from gateway.audit_usage import usage
 
-        if audit_url is None:
-            raise E.GatewayError(404, "This gateway keeps no audit trail.", code="audit_not_found")
-        try:
-            rows = usage(audit_url, [g.strip() for g in by.split(",") if g.strip()],
-                         parse_time(since, "since"), parse_time(until, "until"))
-        except AuditError as exc:
-            param = {"invalid_group": "by", "invalid_since": "since", "invalid_until": "until"}.get(exc.code)
-            raise E.GatewayError(404 if exc.code == "audit_not_found" else 400, exc.message, code=exc.code,
-                                 param=param) from None
+        rows = _from_trail(audit_url, lambda url: usage(url, [g.strip() for g in by.split(",") if g.strip()],
+                                                        parse_time(since, "since"), parse_time(until, "until")))
         return [r.as_dict() for r in rows]
 
     return app
+
+
+def _from_trail(audit_url: str | None, read: Any) -> Any:
+    """`read(audit_url)`, its AuditErrors as OpenAI-style errors: 404 without a trail, 400 naming a bad parameter."""
+    from gateway.audit import AuditError
+
+    if audit_url is None:
+        raise E.GatewayError(404, "This gateway keeps no audit trail.", code="audit_not_found")
+    try:
+        return read(audit_url)
+    except AuditError as exc:
+        param = {"invalid_group": "by", "invalid_since": "since", "invalid_until": "until"}.get(exc.code)
+        raise E.GatewayError(404 if exc.code == "audit_not_found" else 400, exc.message, code=exc.code,
+                             param=param) from None

@@ -15,6 +15,7 @@ from gateway import errors as E
 from gateway.accounts import Accounts
 from gateway.admin import build_admin_app
 from gateway.audit import open_audit_log
+from gateway.audit_admin import AdminTrail
 from gateway.config import GatewayConfig
 from gateway.db import init_db, make_engine
 from gateway.directory import Directory, KeyEntry
@@ -44,7 +45,7 @@ class GatewayApp:
         self.config = config
         self.metrics = GatewayMetrics()
         self.engine = make_engine(config.resolved_database_url())
-        self.accounts = Accounts(self.engine)
+        self.accounts = Accounts(self.engine, AdminTrail(config.resolved_audit_url()))
         self.directory = Directory(self.engine, refresh_s=config.directory_refresh_s, subjects=quota_subjects)
         self.router = Router(config.models, health_interval_s=config.health_check_interval_s,
                              probe_timeout_s=config.timeouts.connect + 5)
@@ -87,6 +88,7 @@ class GatewayApp:
         await self.proxy.close()
         if self.audit is not None:
             await self.audit.close()
+        await asyncio.to_thread(self.accounts.trail.close)
         close = getattr(self.quotas, "close", None)
         if close is not None:
             await _maybe_await(close())

@@ -528,6 +528,16 @@ def _resolve_all(batch: list[_Pending], values: list[int | None], exc: BaseExcep
             pass
 
 
+def append_now(engine: sa.Engine, record: AuditRecord) -> int:
+    """Commit one record on the caller's thread, waiting for the write lock like any appender: for the rare records
+    that are not requests (audit_admin.py), written where no AuditLog runs (a CLI)."""
+    sink = _ChainSink(engine)
+    try:
+        return sink.commit([record])[0]
+    finally:
+        sink.close()
+
+
 def open_audit_log(db_url: str) -> AuditLog:
     """Open (creating if needed) the audit trail at `db_url`: sqlite:///path, a file path, or postgresql://..."""
     engine = make_engine(db_url)

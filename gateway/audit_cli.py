@@ -1,5 +1,5 @@
-"""`sovereign audit verify|export|prune|usage`: check the hash chain, ship the trail as JSON lines, move old records
-into an archive, sum what teams used."""
+"""`sovereign audit verify|export|prune|changes|usage`: check the hash chain, ship the trail as JSON lines, move old
+records into an archive, list who changed teams and keys, sum what teams used."""
 
 from __future__ import annotations
 
@@ -121,9 +121,10 @@ def register_audit(app: typer.Typer) -> None:
                 archive = archive_dir / f"audit-{p.first_id}-{p.through}.jsonl"
             if not yes:
                 typer.confirm(f"Prune {what}" + (f" into {archive}?" if archive else ", keeping no copy?"), abort=True)
+            from rich.console import Console
             from rich.progress import Progress
 
-            with Progress(transient=True) as bar:
+            with Progress(console=Console(stderr=True), transient=True, disable=not sys.stderr.isatty()) as bar:
                 task = bar.add_task("deleting", total=p.count)
                 result = prune(url, before, archive, lambda done, total: bar.update(task, completed=done), planned=p)
         except AuditError as exc:
@@ -135,6 +136,39 @@ def register_audit(app: typer.Typer) -> None:
         if archive:
             anchor = "" if p.first_id == 1 else f" --anchor {p.prev_hash}"
             typer.echo(f"Check the archive with `sovereign audit verify --file {archive}{anchor}`.")
+
+    @audit.command("changes")
+    def changes_cmd(
+        team: str = typer.Option(None, "--team", help="Only changes to this team and its keys"),
+        since: str = typer.Option(None, "--since", help="From this time: ISO 8601 or unix seconds (UTC)"),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table"),
+        database_url: str = typer.Option(None, "--database-url", envvar="SOVEREIGN_GATEWAY_DATABASE_URL",
+                                         help=_DB_HELP),
+    ) -> None:
+        """Who changed which team or key, and how (and when the trail was pruned), from the audit trail."""
+        import json
+
+        from gateway.audit import AuditError
+        from gateway.audit_read import changes, parse_time
+
+        try:
+            rows = changes(_db_url(database_url), team, parse_time(since, "--since"))
+        except AuditError as exc:
+            typer.echo(f"error [{exc.code}]: {exc}", err=True)
+            raise typer.Exit(2) from None
+        if as_json:
+            typer.echo(json.dumps(rows))
+            return
+        from rich.table import Table
+
+        from sovereign.console import table_console
+
+        table = Table("record", "time (UTC)", "action", "team", "by", "what")
+        for r in rows:
+            what = json.dumps(r["details"], ensure_ascii=False, separators=(", ", ": "))
+            table.add_row(str(r["id"]), r["time"][:19].replace("T", " "), r["action"], r["team"] or "", r["by"] or "",
+                          what)
+        table_console().print(table)
 
     @audit.command("usage")
     def usage_cmd(

@@ -18,7 +18,6 @@ so a prune is done in the open:
 from __future__ import annotations
 
 import asyncio
-import getpass
 import hashlib
 import os
 import time
@@ -32,7 +31,8 @@ import sqlalchemy as sa
 
 from gateway.audit import (GENESIS, AuditError, AuditRecord, audit_base, audit_head, audit_log, ensure_schema,
                            make_engine, open_audit_log)
-from gateway.audit_read import (PRUNE_MARK, chain_start, iter_rows, export_line, parse_time, trail_reader, verify,
+from gateway.audit_admin import command_line_actor
+from gateway.audit_read import (PRUNE_MARK, chain_start, export_line, iter_rows, parse_time, trail_reader, verify,
                                 verify_jsonl)
 
 CHUNK = 5_000  # records deleted per transaction: each holds up the gateways' commits for its length only
@@ -139,7 +139,7 @@ async def _declare(db_url: str, p: PrunePlan, before: str | float, last_hash: st
                    sha: str | None) -> int:
     decl = {"first": p.first_id, "through": p.through, "last_hash": last_hash, "records": p.count,
             "before": datetime.fromtimestamp(parse_time(before, "--before"), timezone.utc).isoformat(),
-            "archive": archive.name if archive is not None else None, "archive_sha256": sha, "by": _who()}
+            "archive": archive.name if archive is not None else None, "archive_sha256": sha, "by": command_line_actor()}
     record = AuditRecord(ts=time.time(), request_id=f"audit-prune-{uuid.uuid4().hex[:12]}", key_id=None, team=None,
                          model=None, adapter=None, status=0, policy={PRUNE_MARK.strip('"'): decl})
     log = open_audit_log(db_url)
@@ -172,13 +172,6 @@ def _delete(db_url: str, p: PrunePlan, progress: Callable[[int, int], None] | No
             first = end + 1
     finally:
         engine.dispose()
-
-
-def _who() -> str | None:
-    try:
-        return getpass.getuser()
-    except (OSError, KeyError):  # a container user with no passwd entry
-        return None
 
 
 def _fsync_dir(path: Path) -> None:

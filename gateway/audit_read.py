@@ -243,3 +243,27 @@ def export_line(row: dict[str, Any]) -> str:
     row["policy"] = json.loads(row["policy"])
     row["time"] = datetime.fromtimestamp(row["ts"], tz=timezone.utc).isoformat()
     return canonical_json(row) + "\n"
+
+
+def changes(db_url: str, team: str | None = None, since: float | None = None) -> list[dict[str, Any]]:
+    """The trail's own records, oldest first: changes to teams and keys (audit_admin.py) and prunes, each as
+    {id, time, action, team, by, details}; with `team`, those that touched it."""
+    out = []
+    with trail_reader(db_url) as engine, engine.connect() as conn:
+        q = sa.select(audit_log.c.id, audit_log.c.ts, audit_log.c.team, audit_log.c.policy).where(
+            audit_log.c.status == 0).order_by(audit_log.c.id)
+        if team is not None:
+            q = q.where(audit_log.c.team == team)
+        if since is not None:
+            q = q.where(audit_log.c.ts >= since)
+        for rid, ts, row_team, policy in conn.execute(q):
+            policy = json.loads(policy)
+            details = policy.get("admin") or ({"action": "audit.prune", **policy[PRUNE_MARK.strip('"')]}
+                                              if PRUNE_MARK.strip('"') in policy else None)
+            if details is None:
+                continue
+            details = dict(details)
+            out.append({"id": rid, "time": datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(),
+                        "action": details.pop("action"), "team": row_team, "by": details.pop("by", None),
+                        "details": details})
+    return out

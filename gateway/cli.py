@@ -41,7 +41,10 @@ def _accounts(config: str | None, database_url: str | None):
         _fail(exc)
     engine = make_engine(database_url or cfg.resolved_database_url())
     init_db(engine)
-    return Accounts(engine)
+    from gateway.audit_admin import AdminTrail
+
+    # Changes made here are audited like the admin API's, in the trail the gateway writes.
+    return Accounts(engine, AdminTrail(cfg.audit_database_url or database_url or cfg.resolved_database_url()))
 
 
 def _limits(rpm, tpm, daily, monthly) -> dict:

@@ -53,3 +53,16 @@ def redis_prefix():
     if keys:
         r.delete(*keys)
     r.close()
+
+
+def request_records(db_url: str) -> list[dict]:
+    """The audit records of API requests at `db_url`, in chain order: the trail's own records (status 0: changes
+    to teams and keys, prunes) left out."""
+    import io
+    import json
+
+    from gateway.audit_read import export
+
+    buf = io.StringIO()
+    export(db_url, buf)
+    return [r for r in map(json.loads, buf.getvalue().splitlines()) if r["status"] != 0]

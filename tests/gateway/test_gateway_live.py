@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import httpx
 import openai
 import pytest
 
-from gateway.audit_read import export
 from tests.conftest import DEFAULT_MODEL
+from tests.gateway.gw_stores import request_records
 
 pytestmark = pytest.mark.integration
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
@@ -166,9 +165,7 @@ def test_tool_calls_against_the_real_engine(live_gateway):
     assert streamed["name"] == "get_order_status"
     assert json.loads(streamed["arguments"]) == json.loads(calls[0].function.arguments)
 
-    buf = io.StringIO()
-    export(f"sqlite:///{live_gateway.log_path.parent / 'gateway.db'}", buf)
-    rows = [json.loads(line) for line in buf.getvalue().splitlines()][-3:]
+    rows = request_records(f"sqlite:///{live_gateway.log_path.parent / 'gateway.db'}")[-3:]
     assert [row["completion"] for row in rows] == [f"[tool_call get_order_status] {args}" for args in (
         calls[0].function.arguments, calls[1].function.arguments, streamed["arguments"])]
 

@@ -5,17 +5,15 @@ gateway, and a bad change is refused while the kinds before stay in force."""
 
 from __future__ import annotations
 
-import io
-import json
 import subprocess
 
 import httpx
 import openai
 import pytest
 
-from gateway.audit_read import export
 from sovereign.offline import offline_env
 from tests.gateway.conftest import start_gateway_process, wait_for, write_gateway_config
+from tests.gateway.gw_stores import request_records
 
 RULES = "kinds:\n  customer_id:\n    pattern: 'CUST-[0-9]{8}'\n    examples: ['CUST-00412345']\n"
 PROMPT = "Customer CUST-00412345 (mobile 13812345678) asks about a refund"
@@ -41,9 +39,7 @@ def test_pii_redact_and_block_cover_the_organisations_own_kinds(tmp_path, upstre
         assert upstream.hits == hits
     finally:
         gw.stop()
-    buf = io.StringIO()
-    export(f"sqlite:///{db}", buf)
-    rows = [json.loads(line) for line in buf.getvalue().splitlines()]
+    rows = request_records(f"sqlite:///{db}")
     assert rows[0]["policy"]["pii"] == {"action": "redacted", "counts": {"customer_id": 1, "phone": 1}}
     assert "[CUSTOMER_ID]" in rows[0]["prompt"]
     assert rows[1]["status"] == 400 and rows[1]["policy"]["pii"] == {"action": "blocked", "kinds": ["customer_id"]}

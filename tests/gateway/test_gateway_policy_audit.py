@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import re
@@ -13,17 +12,16 @@ import httpx
 import openai
 import pytest
 
-from gateway.audit_read import export, verify
+from gateway.audit_read import verify
 from gateway.proxy import _keep
+from tests.gateway.gw_stores import request_records
 
 USER = [{"role": "user", "content": "hello there"}]
 PII_TEXT = "My phone is 13812345678 and my mail is li.lei@example.com"
 
 
 def audit_rows(gw) -> list[dict]:
-    buf = io.StringIO()
-    export(gw.app.config.resolved_database_url(), buf)
-    return [json.loads(line) for line in buf.getvalue().splitlines()]
+    return request_records(gw.app.config.resolved_database_url())
 
 
 def test_every_request_has_an_audit_record_and_the_chain_verifies(gw):

@@ -11,6 +11,7 @@ import pytest
 
 from gateway.accounts import TeamUpdate
 from tests.gateway.fake_upstream import FakeUpstream, ThreadServer, free_port
+from tests.gateway.gw_stores import request_records
 
 USER = [{"role": "user", "content": "hello there"}]
 
@@ -142,14 +143,7 @@ def test_a_withdrawn_adapter_is_refused_to_every_team_and_listed_to_none(start_g
 
 
 def _audit(gw) -> list[dict]:
-    import io
-    import json
-
-    from gateway.audit_read import export
-
-    buf = io.StringIO()
-    export(gw.app.config.resolved_database_url(), buf)
-    return [json.loads(line) for line in buf.getvalue().splitlines()]
+    return request_records(gw.app.config.resolved_database_url())
 
 
 def test_wrong_key_is_401_invalid_api_key(gw):
