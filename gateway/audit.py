@@ -1,4 +1,5 @@
-"""Audit trail: one hash-chained record per request, durable before the response completes.
+"""Audit trail: one hash-chained record per request, durable before the response completes (and, with status 0,
+records of the trail's own: changes to teams and keys, audit_admin.py, and prunes, audit_prune.py).
 
 Each record stores the previous record's hash and its own hash, sha256(prev_hash + canonical JSON of the record with
 its id), and ids run 1, 2, 3, ... without gaps, so an edited, deleted or reordered record breaks the chain at that
