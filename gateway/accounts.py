@@ -79,6 +79,20 @@ def _in_future(v: datetime | None) -> datetime | None:
 Expiry = Annotated[datetime | None, AfterValidator(_in_future)]
 
 
+def _networks(v: list[str] | None) -> list[str] | None:
+    """CIDRs or addresses, normalized (10.1.2.3/16 is 10.1.0.0/16); None is "from anywhere"."""
+    if v is None:
+        return None
+    if not v:
+        raise ValueError("is empty: a key must be usable from somewhere (revoke it instead)")
+    from gateway.origin import parse_networks
+
+    return [str(n) for n in parse_networks(v, "allowed_networks")]
+
+
+Networks = Annotated[list[str] | None, Field(None, max_length=256), AfterValidator(_networks)]
+
+
 class TeamSpec(Limits):
     """A team's policy. `allowed_models` are glob patterns over model ids, adapters included (`support@*`)."""
 
@@ -113,6 +127,8 @@ class KeySpec(Limits):
     # After this the key is refused everywhere, as if revoked: keys for contractors, pilots and rotation schedules
     # end on their own.
     expires_at: Expiry = None
+    # Where the key may be used from (CIDRs or addresses); None: anywhere. A leaked copy is useless elsewhere.
+    allowed_networks: Networks = None
 
     @field_validator("name", "team")
     @classmethod
@@ -130,6 +146,15 @@ class KeyOut(BaseModel):
     created_at: datetime
     revoked_at: datetime | None = None
     expires_at: datetime | None = None
+    allowed_networks: list[str] | None = None
+
+
+class KeyUpdate(BaseModel):
+    """What may change on a key without a new secret; `allowed_networks` null lets it be used from anywhere."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    allowed_networks: Networks = None
 
 
 class KeyRotation(BaseModel):
@@ -153,7 +178,7 @@ def _team_out(t: Team, active_keys: int = 0) -> TeamOut:
 def _key_out(k: ApiKey) -> KeyOut:
     return KeyOut(id=k.id, team=k.team, name=k.name, prefix=k.prefix, is_admin=k.is_admin,
                   limits=Limits(**{f: getattr(k, f) for f in LIMIT_FIELDS}), created_at=k.created_at,
-                  revoked_at=k.revoked_at, expires_at=as_utc(k.expires_at))
+                  revoked_at=k.revoked_at, expires_at=as_utc(k.expires_at), allowed_networks=k.allowed_networks)
 
 
 def as_utc(t: datetime | None) -> datetime | None:
@@ -214,9 +239,8 @@ class Accounts:
             bump_generation(s)
             s.flush()
             out = _team_out(team, self._active_keys(s, name))
-        after = out.model_dump(mode="json")
-        self._record("team.update", name, by, changes={f: [before[f], after[f]] for f in fields
-                                                      if f in after and before[f] != after[f]})
+        if diff := _changed(before, out.model_dump(mode="json"), fields):
+            self._record("team.update", name, by, changes=diff)
         return out
 
     def delete_team(self, name: str, *, force: bool = False, by: str | None = None) -> int:
@@ -246,7 +270,8 @@ class Accounts:
             self._team(s, spec.team)
             key = ApiKey(id=key_id or "key_" + secrets.token_hex(8), team=spec.team, name=spec.name,
                          secret_hash=hash_secret(secret), prefix=secret[:12], is_admin=spec.is_admin,
-                         expires_at=spec.expires_at, **{f: getattr(spec, f) for f in LIMIT_FIELDS})
+                         expires_at=spec.expires_at, allowed_networks=spec.allowed_networks,
+                         **{f: getattr(spec, f) for f in LIMIT_FIELDS})
             s.add(key)
             bump_generation(s)
             s.flush()
@@ -279,6 +304,26 @@ class Accounts:
             self._record("key.revoke", out.team, by, key=out.id, name=out.name)
         return out
 
+    def update_key(self, key_id: str, changes: KeyUpdate, *, by: str | None = None) -> KeyOut:
+        """Change a live key's networks; the secret stays."""
+        fields = changes.model_dump(exclude_unset=True)
+        with Session(self.engine, expire_on_commit=False) as s, s.begin():
+            key = s.get(ApiKey, key_id)
+            if key is None:
+                raise AccountError(f"no key with id {key_id!r}", code="key_not_found", status=404)
+            if key.revoked_at is not None:
+                raise AccountError(f"key {key_id} is revoked; create a new key instead (`sovereign keys create`)",
+                                   code="key_not_live", status=409)
+            before = _key_out(key).model_dump(mode="json")
+            for field, value in fields.items():
+                setattr(key, field, value)
+            bump_generation(s)
+            s.flush()
+            out = _key_out(key)
+        if diff := _changed(before, out.model_dump(mode="json"), fields):
+            self._record("key.update", out.team, by, key=key_id, changes=diff)
+        return out
+
     def rotate_key(self, key_id: str, *, grace: timedelta, expires_at: datetime | None = None,
                    by: str | None = None) -> KeyCreated:
         """A new secret for a live key: a new key with its team, name, admin flag and limits, while the old one keeps
@@ -300,7 +345,8 @@ class Accounts:
                 expires_at = now + (old_expiry - as_utc(old.created_at))
             new = ApiKey(id="key_" + secrets.token_hex(8), team=old.team, name=old.name,
                          secret_hash=hash_secret(secret), prefix=secret[:12], is_admin=old.is_admin,
-                         expires_at=expires_at, **{f: getattr(old, f) for f in LIMIT_FIELDS})
+                         expires_at=expires_at, allowed_networks=old.allowed_networks,
+                         **{f: getattr(old, f) for f in LIMIT_FIELDS})
             s.add(new)
             old.expires_at = min(now + grace, old_expiry) if old_expiry is not None else now + grace
             bump_generation(s)
@@ -348,10 +394,15 @@ class Accounts:
         return len(s.scalars(select(ApiKey.id).where(ApiKey.team == team, *_live())).all())
 
 
+def _changed(before: dict, after: dict, fields: Any) -> dict[str, list]:
+    """{field: [before, after]} for the fields asked to change that did."""
+    return {f: [before[f], after[f]] for f in fields if f in after and before[f] != after[f]}
+
+
 def _key_details(k: KeyOut, field: str = "key") -> dict[str, Any]:
     """A key as its change record keeps it (its id under `field`): never the secret, nor the prefix that starts it."""
     return {field: k.id, "name": k.name, "is_admin": k.is_admin,
-            "expires_at": k.expires_at.isoformat() if k.expires_at else None,
+            "expires_at": k.expires_at.isoformat() if k.expires_at else None, "allowed_networks": k.allowed_networks,
             "limits": k.limits.model_dump(mode="json", exclude_none=True)}
 
 

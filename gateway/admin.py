@@ -16,8 +16,8 @@ from sqlalchemy.exc import DataError, IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import errors as E
-from gateway.accounts import (AccountError, Accounts, KeyCreated, KeyOut, KeyRotation, KeySpec, TeamOut, TeamSpec,
-                              TeamUpdate)
+from gateway.accounts import (AccountError, Accounts, KeyCreated, KeyOut, KeyRotation, KeySpec, KeyUpdate, TeamOut,
+                              TeamSpec, TeamUpdate)
 from gateway.caller import authenticate
 from gateway.directory import Directory, KeyEntry
 
@@ -123,6 +123,12 @@ def build_admin_app(accounts: Accounts, directory: Directory, status: Any = None
     @app.post("/admin/keys/{key_id}/revoke", response_model=KeyOut)
     def revoke_key(key_id: str, admin: Admin) -> KeyOut:
         out = accounts.revoke_key(key_id, by=admin.id)
+        changed()
+        return out
+
+    @app.patch("/admin/keys/{key_id}", response_model=KeyOut)
+    def update_key(key_id: str, changes: KeyUpdate, admin: Admin) -> KeyOut:
+        out = accounts.update_key(key_id, changes, by=admin.id)
         changed()
         return out
 

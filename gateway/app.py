@@ -21,6 +21,7 @@ from gateway.db import init_db, make_engine
 from gateway.directory import Directory, KeyEntry
 from gateway.fine_tuning import PREFIXES as FINE_TUNING_PATHS, FineTuning
 from gateway.metrics import GatewayMetrics
+from gateway.origin import Origins
 from gateway.pii_watch import PiiRulesWatch
 from gateway.proxy import JSON_HEADERS, Proxy, _respond
 from gateway.quotas import QuotaLimits, make_quota_store
@@ -46,7 +47,8 @@ class GatewayApp:
         self.metrics = GatewayMetrics()
         self.engine = make_engine(config.resolved_database_url())
         self.accounts = Accounts(self.engine, AdminTrail(config.resolved_audit_url()))
-        self.directory = Directory(self.engine, refresh_s=config.directory_refresh_s, subjects=quota_subjects)
+        self.directory = Directory(self.engine, refresh_s=config.directory_refresh_s, subjects=quota_subjects,
+                                   origins=Origins(config.trusted_proxies))
         self.router = Router(config.models, health_interval_s=config.health_check_interval_s,
                              probe_timeout_s=config.timeouts.connect + 5)
         self.proxy = Proxy(config, self.directory, self.router, self.metrics)

@@ -26,6 +26,8 @@ def authenticate(scope: dict, directory: Directory) -> KeyEntry:
         if getattr(refused, "refused_key", None) is None:
             note_keyless_refusal(scope, secret)
         raise refused
+    if entry.networks is not None:
+        directory.origins.check(entry, scope)
     return entry
 
 

@@ -47,12 +47,19 @@ def _accounts(config: str | None, database_url: str | None):
     return Accounts(engine, AdminTrail(cfg.audit_database_url or database_url or cfg.resolved_database_url()))
 
 
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def _limits(rpm, tpm, daily, monthly) -> dict:
     return {k: v for k, v in (("requests_per_minute", rpm), ("tokens_per_minute", tpm), ("daily_tokens", daily),
                               ("monthly_tokens", monthly)) if v is not None}
 
 
 Rpm = Annotated[Optional[int], typer.Option("--rpm", help="Requests per minute.")]
+AllowFrom = Annotated[Optional[str], typer.Option(
+    "--allow-from", help="Only from these networks or addresses, comma-separated (10.1.0.0/16,192.0.2.7); behind a "
+                         "proxy, list it in the gateway's trusted_proxies.")]
 Tpm = Annotated[Optional[int], typer.Option("--tpm", help="Tokens per minute.")]
 Daily = Annotated[Optional[int], typer.Option("--daily-tokens", help="Token budget per UTC day.")]
 Monthly = Annotated[Optional[int], typer.Option("--monthly-tokens", help="Token budget per UTC month.")]
@@ -97,11 +104,13 @@ def keys_create(team: Annotated[str, typer.Option(help="The team that owns the k
                 expires: Annotated[Optional[str], typer.Option(
                     help="When the key stops working: a duration from now (90d, 12h, 30m) or an ISO 8601 time "
                          "(UTC unless it names a zone).")] = None,
+                allow_from: AllowFrom = None,
                 config: ConfigOpt = None, database_url: DbOpt = None, as_json: JsonOpt = False) -> None:
     """Create a key and print its secret once; only its hash is stored."""
     from gateway.accounts import KeySpec
 
-    spec = _validated(KeySpec, dict(team=team, name=name, is_admin=admin, expires_at=_expiry(expires),
+    networks = {"allowed_networks": _split(allow_from)} if allow_from is not None else {}
+    spec = _validated(KeySpec, dict(team=team, name=name, is_admin=admin, expires_at=_expiry(expires), **networks,
                                     **_limits(rpm, tpm, daily_tokens, monthly_tokens)))
     try:
         created = _accounts(config, database_url).create_key(spec)
@@ -133,13 +142,35 @@ def keys_list(team: Annotated[Optional[str], typer.Option(help="Only this team's
     if as_json:
         print(json.dumps([k.model_dump(mode="json") for k in keys]))
         return
-    table = Table("id", "team", "name", "prefix", "admin", "created", "expires", "revoked")
+    table = Table("id", "team", "name", "prefix", "admin", "from", "created", "expires", "revoked")
     minute = "%Y-%m-%d %H:%M"
     for k in keys:
-        table.add_row(k.id, k.team, k.name, k.prefix + "…", "yes" if k.is_admin else "", k.created_at.strftime(minute),
-                      k.expires_at.strftime(minute) if k.expires_at else "",
+        where = ", ".join(k.allowed_networks) if k.allowed_networks is not None else ""
+        table.add_row(k.id, k.team, k.name, k.prefix + "…", "yes" if k.is_admin else "", where,
+                      k.created_at.strftime(minute), k.expires_at.strftime(minute) if k.expires_at else "",
                       k.revoked_at.strftime(minute) if k.revoked_at else "")
     table_console().print(table)
+
+
+@keys_app.command("update")
+def keys_update(key_id: Annotated[str, typer.Argument(help="The key's id (from `keys list`).")],
+                allow_from: AllowFrom = None,
+                anywhere: Annotated[bool, typer.Option("--allow-from-anywhere",
+                                                       help="Lift the key's network binding.")] = False,
+                config: ConfigOpt = None, database_url: DbOpt = None) -> None:
+    """Change where a key may be used from, keeping its secret; gateways apply it within their refresh interval."""
+    from gateway.accounts import KeyUpdate
+
+    if (allow_from is None) == (not anywhere):
+        console.print("[red]error[/red] (invalid_argument): give --allow-from NETWORKS or --allow-from-anywhere")
+        raise typer.Exit(2)
+    changes = _validated(KeyUpdate, {"allowed_networks": None if anywhere else _split(allow_from)})
+    try:
+        out = _accounts(config, database_url).update_key(key_id, changes)
+    except SovereignError as exc:
+        _fail(exc)
+    where = ", ".join(out.allowed_networks) if out.allowed_networks is not None else "anywhere"
+    console.print(f"Key {out.id} (team {out.team}) may be used from: {where or 'nowhere'}.")
 
 
 @keys_app.command("revoke")

@@ -57,6 +57,9 @@ class GatewayConfig(YamlSettings):
     retries: int = Field(2, ge=0)
     # Beyond this many requests in flight the gateway answers 503 at once instead of queueing without bound.
     max_inflight: int = Field(4096, ge=1)
+    # Proxies in front of the gateway (an ingress controller, a load balancer) whose X-Forwarded-For says where a
+    # request came from, for keys bound to networks (CIDRs or addresses); a header from anyone else is ignored.
+    trusted_proxies: list[str] = Field(default_factory=list)
     # Where the audit trail goes; None: the same database as keys and teams.
     audit_database_url: str | None = None
     access_log: bool = True
@@ -73,6 +76,13 @@ class GatewayConfig(YamlSettings):
                 if not u.startswith(("http://", "https://")):
                     raise ValueError(f"model {name!r}: replica URL {u!r} must start with http:// or https://")
         return {name: [u.rstrip("/").removesuffix("/v1") for u in urls] for name, urls in v.items()}
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        from gateway.origin import parse_networks
+
+        return [str(n) for n in parse_networks(v, "trusted_proxies")]
 
     @field_validator("bootstrap_key")
     @classmethod

@@ -58,6 +58,7 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    allowed_networks: Mapped[list | None] = mapped_column(JSON, nullable=True)  # CIDRs; None: from anywhere
 
 
 class Meta(Base):

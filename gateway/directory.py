@@ -25,6 +25,7 @@ from gateway import errors as E
 from gateway.accounts import LIMIT_FIELDS, as_utc, hash_secret
 from gateway.background import cancel_and_wait
 from gateway.db import ApiKey, Team, read_generation
+from gateway.origin import Origins, parse_networks
 
 log = logging.getLogger("sovereign.gateway.directory")
 
@@ -69,6 +70,7 @@ class KeyEntry:
     quota_subjects: list = field(default_factory=list)  # [(subject, QuotaLimits)], built once per snapshot
     expires_at: float | None = None  # unix seconds
     revoked_at: float | None = None  # unix seconds; such entries live only in the directory's refusal table
+    networks: tuple | None = None  # where it may be used from (origin.py); None: anywhere
 
 
 
@@ -81,8 +83,9 @@ class Directory:
     """Keys by secret hash, rebuilt from the database when its change counter moves."""
 
     def __init__(self, engine: Engine, *, refresh_s: float = 0.5,
-                 subjects: Callable[[KeyEntry], list] | None = None) -> None:
+                 subjects: Callable[[KeyEntry], list] | None = None, origins: Origins | None = None) -> None:
         self.engine = engine
+        self.origins = origins or Origins()  # where requests come from, for keys bound to networks
         self.refresh_s = refresh_s
         self._subjects = subjects
         self._keys: dict[str, KeyEntry] = {}
@@ -148,7 +151,9 @@ class Directory:
                 expires, gone = as_utc(k.expires_at), as_utc(k.revoked_at)
                 entry = KeyEntry(id=k.id, secret_hash=k.secret_hash, team=team, is_admin=k.is_admin,
                                  limits=_limits(k), expires_at=expires.timestamp() if expires else None,
-                                 revoked_at=gone.timestamp() if gone else None)
+                                 revoked_at=gone.timestamp() if gone else None,
+                                 networks=parse_networks(k.allowed_networks, "allowed_networks")
+                                 if k.allowed_networks is not None else None)
                 if gone is not None:
                     revoked[k.secret_hash] = entry
                     continue

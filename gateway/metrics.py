@@ -34,7 +34,8 @@ class GatewayMetrics:
         self.policy_events = Counter(p + "policy_events", "Policy decisions: pii_redacted, pii_blocked, "
                                      "pii_refused (a tool schema's property name with personal data), pii_failed "
                                      "(a PII rule ran past its time budget), injection_flagged, injection_blocked, "
-                                     "max_tokens_capped.", ["team", "kind"], registry=r)
+                                     "max_tokens_capped, network_refused (a key used from outside its networks).",
+                                     ["team", "kind"], registry=r)
         self.audit_write = Histogram(p + "audit_write_seconds", "Time until an audit record was durable.",
                                      buckets=AUDIT_BUCKETS, registry=r)
         self.overhead = Histogram(p + "overhead_seconds", "Time the gateway itself spent on a request (not waiting "

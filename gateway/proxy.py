@@ -151,6 +151,8 @@ class Proxy:
             entry = self.directory.lookup(secret) if secret else None
             if entry is None:
                 raise self.directory.refusal(secret)
+            if entry.networks is not None:
+                self.directory.origins.check(entry, scope)
             ex.entry = entry
             if kind is None:
                 await self._models(scope, send, ex)
@@ -620,6 +622,8 @@ class Proxy:
             self.metrics.policy_events.labels(team, f"injection_{decisions['injection']['action']}").inc()
         if "max_tokens_capped" in decisions:
             self.metrics.policy_events.labels(team, "max_tokens_capped").inc()
+        if "network" in decisions:
+            self.metrics.policy_events.labels(team, "network_refused").inc()
 
     def _observe(self, ex: Exchange) -> None:
         elapsed = time.perf_counter() - ex.t0
