@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 from gateway.audit import AuditRecord, append_now, ensure_schema, make_engine
 
-ADMIN_MARK = "admin"  # the policy key of these records
+ADMIN_KEY = "admin"  # the policy key of these records
 
 
 class AdminTrail:
@@ -37,7 +37,7 @@ class AdminTrail:
         entry = {"action": action, "by": by or command_line_actor(), **details}
         key_id = by if by is not None and by.startswith("key_") else None
         rec = AuditRecord(ts=time.time(), request_id=f"admin-{uuid.uuid4().hex[:16]}", key_id=key_id, team=team,
-                          model=None, adapter=None, status=0, policy={ADMIN_MARK: entry})
+                          model=None, adapter=None, status=0, policy={ADMIN_KEY: entry})
         with self._lock:
             if self._engine is None:
                 engine = make_engine(self._url)

@@ -32,7 +32,7 @@ import sqlalchemy as sa
 from gateway.audit import (GENESIS, AuditError, AuditRecord, audit_base, audit_head, audit_log, ensure_schema,
                            make_engine, open_audit_log)
 from gateway.audit_admin import command_line_actor
-from gateway.audit_read import (PRUNE_MARK, chain_start, export_line, iter_rows, parse_time, trail_reader, verify,
+from gateway.audit_read import (PRUNE_KEY, chain_start, export_line, iter_rows, parse_time, trail_reader, verify,
                                 verify_jsonl)
 
 CHUNK = 5_000  # records deleted per transaction: each holds up the gateways' commits for its length only
@@ -141,7 +141,7 @@ async def _declare(db_url: str, p: PrunePlan, before: str | float, last_hash: st
             "before": datetime.fromtimestamp(parse_time(before, "--before"), timezone.utc).isoformat(),
             "archive": archive.name if archive is not None else None, "archive_sha256": sha, "by": command_line_actor()}
     record = AuditRecord(ts=time.time(), request_id=f"audit-prune-{uuid.uuid4().hex[:12]}", key_id=None, team=None,
-                         model=None, adapter=None, status=0, policy={PRUNE_MARK.strip('"'): decl})
+                         model=None, adapter=None, status=0, policy={PRUNE_KEY: decl})
     log = open_audit_log(db_url)
     try:
         return await log.append(record)

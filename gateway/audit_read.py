@@ -16,8 +16,10 @@ import sqlalchemy as sa
 
 from gateway.audit import (GENESIS, RECORD_FIELDS, AuditError, audit_base, audit_head, audit_log, canonical_json,
                            make_engine, record_hash)
+from gateway.audit_admin import ADMIN_KEY
 
-PRUNE_MARK = '"audit_prune"'  # in the policy (canonical JSON) of the record `audit prune` appends
+PRUNE_KEY = "audit_prune"  # the policy key of the record `audit prune` appends
+_PRUNE_QUOTED = f'"{PRUNE_KEY}"'  # ...as it appears in the stored JSON: a substring test before any parsing
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +72,7 @@ def _check_chain(rows: Iterator[dict[str, Any]], head: tuple[int, str] | None,
                                                     "differs): a record before it was changed, removed or reordered")
         if record_hash(prev_hash, row) != row["hash"]:
             return VerifyResult(False, count, rid, f"record {rid} was modified: its contents do not match its hash")
-        if pruned and PRUNE_MARK in row["policy"]:
+        if pruned and _PRUNE_QUOTED in row["policy"]:
             through, last_hash = prune_declaration(row)
             if declared is None or through >= declared[0]:
                 declared = (through, last_hash, rid)
@@ -107,14 +109,15 @@ def prune_declaration(row: dict[str, Any]) -> tuple[int, str]:
     if row["key_id"] is not None or row["status"] != 0:
         return 0, ""  # a request's record, whatever its policy says
     try:
-        decl = json.loads(row["policy"])[PRUNE_MARK.strip('"')]
+        decl = json.loads(row["policy"])[PRUNE_KEY]
         return int(decl["through"]), str(decl["last_hash"])
     except (ValueError, KeyError, TypeError):
         return 0, ""
 
 
 def verify(db_url: str) -> VerifyResult:
-    """Walk the chain from record 1; the first edited, missing or out-of-place record is named."""
+    """Walk the chain from its start (record 1 unless pruned); the first edited, missing or out-of-place record is
+    named."""
     engine = make_engine(db_url, writer=False)
     try:
         insp = sa.inspect(engine)
@@ -258,8 +261,8 @@ def changes(db_url: str, team: str | None = None, since: float | None = None) ->
             q = q.where(audit_log.c.ts >= since)
         for rid, ts, row_team, policy in conn.execute(q):
             policy = json.loads(policy)
-            details = policy.get("admin") or ({"action": "audit.prune", **policy[PRUNE_MARK.strip('"')]}
-                                              if PRUNE_MARK.strip('"') in policy else None)
+            details = policy.get(ADMIN_KEY) or ({"action": "audit.prune", **policy[PRUNE_KEY]}
+                                                if PRUNE_KEY in policy else None)
             if details is None:
                 continue
             details = dict(details)
