@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 
 import httpx
 import pytest
@@ -87,7 +86,8 @@ def test_cli_changes_are_audited_with_the_user_and_host_who_made_them(gw, tmp_pa
     table = run_sovereign(tmp_path, "audit", "changes", "--team", "ops", *db).stdout
     assert "team.update" in table and '"pii": ["block", "redact"]' in table and "cli:" in table
     # A prune is one of the trail's own records too, and `audit changes` lists it; the changes it took are gone.
-    run_sovereign(tmp_path, "audit", "prune", "--before", str(time.time() - 0.5), "--no-archive", "--yes", *db)
+    cut = records[-1]["ts"] + 0.001  # just after the revocation, whenever this machine got here
+    run_sovereign(tmp_path, "audit", "prune", "--before", str(cut), "--no-archive", "--yes", *db)
     listed = json.loads(run_sovereign(tmp_path, "audit", "changes", "--json", *db).stdout)
     assert [c["action"] for c in listed] == ["audit.prune"] and listed[0]["by"].startswith("cli:")
     assert listed[0]["details"]["archive"] is None and listed[0]["details"]["through"] == records[-1]["id"]
