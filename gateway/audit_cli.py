@@ -214,9 +214,7 @@ def register_audit(app: typer.Typer) -> None:
 
 
 def _counts(u) -> list[str]:
-    from datetime import UTC, datetime
-
-    last = datetime.fromtimestamp(u.last_request_at, UTC).strftime("%Y-%m-%d %H:%M") if u.last_request_at else ""
+    last = _when(u.last_request_at) if u.last_request_at else ""
     return [f"{n:,}" for n in (u.requests, u.errors, u.prompt_tokens, u.completion_tokens, u.total_tokens)] + [last]
 
 

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from gateway.audit import (GENESIS, AuditError, AuditRecord, audit_base, audit_head, audit_log, ensure_schema,
-                           make_engine, open_audit_log)
+from gateway.audit import (AuditError, AuditRecord, audit_base, audit_head, audit_log, ensure_schema, make_engine,
+                           open_audit_log)
 from gateway.audit_admin import command_line_actor
 from gateway.audit_read import (PRUNE_KEY, chain_start, export_line, iter_rows, parse_time, trail_reader, verify,
                                 verify_jsonl)
@@ -68,7 +68,7 @@ def plan(db_url: str, before: str | float) -> PrunePlan:
         raise AuditError(f"--before {before}: that time is still to come; a prune only takes records older than a "
                          "time already past", code="invalid_before")
     with trail_reader(db_url) as engine, engine.connect() as conn:
-        first_id, prev_hash = chain_start(conn) if sa.inspect(conn).has_table("audit_base") else (1, GENESIS)
+        first_id, prev_hash = chain_start(conn)
         last_id = conn.execute(sa.select(audit_head.c.last_id).where(audit_head.c.id == 1)).scalar() or 0
         kept = conn.execute(sa.select(sa.func.min(audit_log.c.id)).where(audit_log.c.ts >= before_ts)).scalar()
         through = (kept - 1) if kept is not None else last_id

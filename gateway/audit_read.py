@@ -123,20 +123,21 @@ def verify(db_url: str) -> VerifyResult:
         insp = sa.inspect(engine)
         if not insp.has_table("audit_log") or not insp.has_table("audit_head"):
             return VerifyResult(False, 0, None, "no audit trail in this database (tables audit_log/audit_head missing)")
-        has_base = insp.has_table("audit_base")  # trails from before `audit prune` existed have none
         with engine.connect() as conn:  # one transaction: a consistent snapshot while gateways keep appending
             head = conn.execute(sa.select(audit_head.c.last_id, audit_head.c.last_hash)
                                 .where(audit_head.c.id == 1)).first()
             if head is None:
                 return VerifyResult(False, 0, None, "the chain head row is missing")
-            start = chain_start(conn) if has_base else (1, GENESIS)
-            return _check_chain(iter_rows(conn), (int(head[0]), str(head[1])), start, pruned=True)
+            return _check_chain(iter_rows(conn), (int(head[0]), str(head[1])), chain_start(conn), pruned=True)
     finally:
         engine.dispose()
 
 
 def chain_start(conn: sa.Connection) -> tuple[int, str]:
-    """(first id, the hash it links to) of the chain in the database: (1, genesis) until a prune moved it."""
+    """(first id, the hash it links to) of the chain in the database: (1, genesis) until a prune moved it, and in a
+    trail from before `audit prune` existed (no audit_base table)."""
+    if not sa.inspect(conn).has_table("audit_base"):
+        return 1, GENESIS
     row = conn.execute(sa.select(audit_base.c.first_id, audit_base.c.prev_hash).where(audit_base.c.id == 1)).first()
     return (1, GENESIS) if row is None else (int(row[0]), str(row[1]))
 
