@@ -18,6 +18,7 @@ from sovereign.settings import YamlSettings, config_path
 
 LORA_OPS_ENV = "SOVEREIGN_CPU_LORA_OPS"  # read by serving/cpu_lora_ops.py inside vLLM's processes
 LINEAR_WEIGHTS_ENV = "SOVEREIGN_CPU_LINEAR_WEIGHTS"  # read by serving/cpu_linear_ops.py inside vLLM's processes
+INT4_WEIGHTS_ENV = "SOVEREIGN_CPU_INT4_WEIGHTS"  # likewise
 NORM_PROVIDER = "sovereign_cpu"  # the IR-op provider serving/cpu_norm_ops.py registers
 
 # vLLM accepts only these LoRA ranks (vllm/config/lora.py).
@@ -89,6 +90,10 @@ class ServingProfile(YamlSettings):
     # CPU backend, float32 models: "float16" keeps the linear layers' weights as float16 and computes with PyTorch's
     # fbgemm kernels (serving/cpu_linear_ops.py: half the bytes read per step), "float32" leaves them to vLLM.
     cpu_linear_weights: Literal["float16", "float32"] = "float16"
+    # CPU backend: "exact" keeps the weights of layers that hold exact 4-bit groups of 32 (a Q4_1 GGUF import, as the
+    # embedded default's linear layers are) as int4 for batches of a few tokens (serving/cpu_linear_ops.py), on CPUs
+    # with AVX512-BF16; nothing changes for other layers or CPUs. "off" leaves every layer to the float path.
+    cpu_int4_weights: Literal["exact", "off"] = "off"
 
     # Tool calling: vLLM's parser for the served model's tool-call format (hermes, llama3_json, mistral, qwen3_xml,
     # ...). Set, `tool_choice: "auto"` and a named tool work (vLLM's --enable-auto-tool-choice); unset, vLLM 0.32
@@ -199,6 +204,7 @@ class ServingProfile(YamlSettings):
                 env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(self.cpu_reserved_cpus)
             env[LORA_OPS_ENV] = self.cpu_lora_ops
             env[LINEAR_WEIGHTS_ENV] = self.cpu_linear_weights
+            env[INT4_WEIGHTS_ENV] = self.cpu_int4_weights
         env.update(self.extra_env)
         return env
 

@@ -10,6 +10,7 @@ import psutil
 import pytest
 from openai import OpenAI
 
+from serving import cpu_linear_ops
 from serving.adapters import AdapterRegistry
 from serving.store import ModelStore
 
@@ -101,10 +102,12 @@ def test_unservable_adapter_is_refused_with_reason_and_server_keeps_serving(live
 
 
 def test_the_cpu_profiles_vllm_plugins_run_inside_the_engine(live_server):
-    """The answers above came from vLLM with our plugins in its worker: float16 linear weights and grouped LoRA ops."""
+    """The answers above came from vLLM with our plugins in its worker: float16 linear weights (int4 for exact 4-bit
+    layers where the CPU computes it fast) and grouped LoRA ops."""
     log = "\n".join(p.read_text(errors="replace") for p in live_server.home.glob("run/serve-*/vllm.log"))
     assert "linear layers run with float16 weights (fbgemm)" in log
     assert "grouped multi-LoRA ops installed" in log
+    assert ("run with int4 weights for batches of up to 16 tokens" in log) == cpu_linear_ops.int4_is_fast()
 
 
 def test_no_platform_process_talks_to_anything_but_loopback(live_server):
